@@ -1,0 +1,319 @@
+"""Typed params.yaml: one dataclass per section, loaded and validated in one place.
+
+The dataclass defaults below are the single source of truth for every default;
+`params.yaml` and the README table are checked against them by a test.
+
+Example::
+
+    >>> params = load_params("params.yaml")          # doctest: +SKIP
+    >>> params.model.d_model
+    512
+
+Every problem raises :class:`ConfigError` with one line naming the file, the
+key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from llm.errors import ConfigError
+
+WIKITEXT_DATASETS = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
+DATASETS = WIKITEXT_DATASETS + ("text_files", "url")
+
+
+def _knob(default: Any, *, choices: tuple | None = None, low: float | None = None,
+          high: float | None = None, low_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field carrying its allowed values and a one-line meaning."""
+    meta = {"choices": choices, "low": low, "high": high, "low_open": low_open, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """`data`: where the corpus comes from and how it is split (download stage)."""
+
+    dataset: str = _knob("wikitext-2-raw-v1", choices=DATASETS,
+                         doc="corpus: a WikiText release, `text_files` (local *.txt) or `url`")
+    text_files_dir: str = _knob("", doc="folder of *.txt files when dataset is text_files")
+    url: str = _knob("", doc="http(s) URL of a .txt/.zip/.gz/.tar.gz when dataset is url")
+    sha256: str = _knob("", doc="expected sha256 of the download; empty = the pinned default, if any")
+    members: list[str] = _knob([], doc="archive members to use as [train, valid, test] (url only)")
+    val_fraction: float = _knob(0.1, low=0.0, high=0.5, low_open=True,
+                                doc="share of text_files/url text held out for validation (the end)")
+    test_fraction: float = _knob(0.1, low=0.0, high=0.5, low_open=True,
+                                 doc="share held out for test (just before validation)")
+    seed: int = _knob(1337, low=0, doc="seed of the by-file split of text_files")
+
+
+@dataclass
+class TokenizerConfig:
+    """`tokenizer`: which tokenizer to fit on data/raw/train.txt (fit_tokenizer stage)."""
+
+    tokenizer_type: str = _knob("bpe", choices=("bpe", "simple"), doc="byte-level BPE or word-level")
+    vocab_size: int = _knob(10000, low=8, high=2**31 - 1, doc="vocabulary size, special tokens included")
+    min_frequency: int = _knob(2, low=1, doc="a merge / word must occur at least this often")
+    pattern: str = _knob("gpt4", doc="BPE pre-tokenization regex: `gpt2`, `gpt4` or a regex")
+    special_tokens: list[str] = _knob(["<|endoftext|>"], doc="special tokens, never produced by merges")
+    lowercase: bool = _knob(False, doc="simple tokenizer: lowercase the text first")
+    split_punctuation: bool = _knob(False, doc="simple tokenizer: split punctuation from words")
+
+
+@dataclass
+class EncodeConfig:
+    """`encode`: how token shards are written (encode stage)."""
+
+    shard_tokens: int = _knob(16_777_216, low=1024, doc="maximum tokens per .npy shard")
+
+
+@dataclass
+class ModelConfig:
+    """`model`: the GPT's shape. vocab_size comes from the tokenizer, not params.yaml."""
+
+    vocab_size: int = _knob(10000, low=1, doc="set from the tokenizer by the train stage")
+    model_type: str = _knob("gpt", choices=("gpt",), doc="model family")
+    d_model: int = _knob(512, low=1, doc="embedding width")
+    num_heads: int = _knob(8, low=1, doc="attention heads (must divide d_model)")
+    num_layers: int = _knob(6, low=1, doc="transformer blocks")
+    d_ff: int = _knob(2048, low=1, doc="feed-forward hidden width")
+    max_seq_length: int = _knob(512, low=2, doc="context length in tokens")
+    dropout: float = _knob(0.1, low=0.0, high=1.0, doc="dropout probability")
+    position: str = _knob("rope", choices=("learned", "sinusoidal", "rope"), doc="positional encoding")
+    norm: str = _knob("rmsnorm", choices=("layernorm", "rmsnorm"), doc="normalisation layer")
+    activation: str = _knob("relu2", choices=("gelu", "swiglu", "relu2"), doc="feed-forward activation")
+    tie_weights: bool = _knob(True, doc="share token embedding and output layer weights")
+    bias: bool = _knob(False, doc="bias terms in linear and norm layers")
+
+
+@dataclass
+class TrainConfig:
+    """`train`: optimisation (train stage)."""
+
+    batch_size: int = _knob(32, low=1, doc="sequences per optimizer step (all ranks, before accumulation split)")
+    learning_rate: float = _knob(3e-4, low=0.0, high=1.0, low_open=True, doc="peak learning rate")
+    min_lr: float = _knob(3e-5, low=0.0, high=1.0, doc="learning rate at the end of cosine decay")
+    warmup_steps: int = _knob(100, low=0, doc="linear warmup steps")
+    max_epochs: int = _knob(10, low=1, doc="passes over all training windows")
+    max_steps: int = _knob(0, low=0, doc="stop after this many optimizer steps (0: run all epochs)")
+    grad_accum_steps: int = _knob(1, low=1, doc="micro-batches per optimizer step")
+    grad_clip: float = _knob(1.0, low=0.0, doc="max gradient norm (0: no clipping)")
+    weight_decay: float = _knob(0.1, low=0.0, doc="AdamW weight decay on matrices")
+    beta1: float = _knob(0.9, low=0.0, high=1.0, doc="AdamW beta1")
+    beta2: float = _knob(0.95, low=0.0, high=1.0, doc="AdamW beta2")
+    eval_interval: int = _knob(500, low=1, doc="evaluate on validation every N steps")
+    eval_batches: int = _knob(0, low=0, doc="validation batches per evaluation (0: whole split)")
+    checkpoint_interval: int = _knob(500, low=1, doc="write checkpoints/last.pt every N steps")
+    seed: int = _knob(1337, low=0, doc="seed of init, dropout and data order")
+    resume: str = _knob("", doc="start from this checkpoint (e.g. checkpoints/best_model.pt)")
+
+
+@dataclass
+class EvalConfig:
+    """`eval`: how the evaluate stage scores the model."""
+
+    stride: int = _knob(0, low=0, doc="sliding-window stride in tokens (0: the context length)")
+    batch_size: int = _knob(8, low=1, doc="windows per evaluation batch")
+    splits: list[str] = _knob(["valid", "test"], doc="splits to evaluate")
+
+
+@dataclass
+class GenerateConfig:
+    """`generate`: the samples written by the evaluate stage (and `llm generate` defaults)."""
+
+    prompt: str = _knob("Once upon a time", doc="text to continue")
+    max_length: int = _knob(100, low=1, doc="new tokens per sample")
+    temperature: float = _knob(1.0, low=0.0, doc="sampling temperature (0: greedy)")
+    top_k: int = _knob(0, low=0, doc="keep the k most likely tokens (0: all)")
+    top_p: float = _knob(1.0, low=0.0, high=1.0, low_open=True, doc="nucleus sampling mass (1: off)")
+    num_samples: int = _knob(3, low=1, doc="samples written to reports/samples.txt")
+    seed: int = _knob(1337, low=0, doc="sampling seed")
+
+
+@dataclass
+class RuntimeConfig:
+    """`runtime`: knobs that do not change results; no stage declares them."""
+
+    device: str = _knob("auto", choices=("auto", "cuda", "mps", "cpu"), doc="where to train and evaluate")
+    precision: str = _knob("auto", choices=("auto", "fp32", "bf16", "fp16"), doc="autocast precision")
+    compile: bool = _knob(False, doc="torch.compile the model")
+    num_workers: int = _knob(0, low=0, doc="encode processes (0: all cores)")
+    log_interval: int = _knob(10, low=1, doc="log training metrics every N steps")
+    nproc_per_node: int = _knob(1, low=1, doc="training processes (GPUs) on this machine, via torchrun")
+    progress: bool = _knob(True, doc="show progress bars")
+
+
+@dataclass
+class Params:
+    """The whole params.yaml."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Params)}  # type: ignore[misc]
+# Keys that exist on a dataclass but must not be set in params.yaml, with the reason.
+DERIVED_KEYS = {("model", "vocab_size"): "it is taken from the tokenizer; set tokenizer.vocab_size instead"}
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    """' (did you mean X?)' for the closest option, or ''."""
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, "a list of strings")
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:  # list[str]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise ConfigError(f"{where} = {value!r}: must be {_type_name(tp)}")
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} = {value!r}: must be a finite number")
+    return value
+
+
+def _check_range(where: str, value: Any, meta: dict) -> None:
+    choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if choices is not None and value not in choices:
+        hint = _suggest(str(value), [str(c) for c in choices])
+        raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(choices)}{hint}")
+    if low is not None and (value < low or (meta.get("low_open") and value == low)):
+        bound = f"> {low}" if meta.get("low_open") else f">= {low}"
+        span = f" and <= {high}" if high is not None else ""
+        raise ConfigError(f"{where} = {value!r}: must be {bound}{span}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where} = {value!r}: must be <= {high}")
+
+
+def build_section(cls: type, raw: Any, *, source: str = "params.yaml", section: str = "") -> Any:
+    """Validate one mapping against dataclass `cls` and return the instance."""
+    name = section or cls.__name__
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section {name!r} must be a mapping of key: value, got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        where = f"{source}: {name}.{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key{_suggest(str(key), list(known))}; "
+                              f"allowed keys: {', '.join(known)}")
+        if (section, key) in DERIVED_KEYS:
+            raise ConfigError(f"{where}: not a params.yaml key: {DERIVED_KEYS[(section, key)]}")
+        value = _coerce(where, value, hints[key])
+        _check_range(where, value, dict(known[key].metadata))
+        values[key] = value
+    return cls(**values)
+
+
+def _check_consistency(p: Params, source: str) -> None:
+    """Cross-key rules that no single field can express."""
+    def fail(key: str, value: Any, why: str) -> None:
+        raise ConfigError(f"{source}: {key} = {value!r}: {why}")
+
+    m, t, d = p.model, p.train, p.data
+    if m.d_model % m.num_heads:
+        divisors = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 64]
+        fail("model.num_heads", m.num_heads, f"must divide model.d_model ({m.d_model}); "
+             f"choose one of {', '.join(map(str, divisors))}")
+    if m.position == "rope" and (m.d_model // m.num_heads) % 2:
+        fail("model.position", "rope", f"needs an even head size, got d_model/num_heads = "
+             f"{m.d_model // m.num_heads}; change num_heads or use position: learned")
+    if t.min_lr > t.learning_rate:
+        fail("train.min_lr", t.min_lr, f"must be <= train.learning_rate ({t.learning_rate})")
+    if t.batch_size % t.grad_accum_steps:
+        fail("train.grad_accum_steps", t.grad_accum_steps,
+             f"must divide train.batch_size ({t.batch_size})")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        fail("data.val_fraction", d.val_fraction,
+             f"val_fraction + test_fraction ({d.test_fraction}) must be < 1 to leave training text")
+    if d.dataset == "text_files" and not d.text_files_dir:
+        fail("data.text_files_dir", d.text_files_dir,
+             "must name a folder of *.txt files when data.dataset is text_files")
+    if d.dataset == "url" and not d.url.startswith(("http://", "https://")):
+        fail("data.url", d.url, "must be an http(s) URL when data.dataset is url")
+    if d.members and len(d.members) != 3:
+        fail("data.members", d.members, "must list exactly 3 archive members: [train, valid, test]")
+    if d.sha256 and (len(d.sha256) != 64 or any(c not in "0123456789abcdef" for c in d.sha256.lower())):
+        fail("data.sha256", d.sha256, "must be 64 hex digits (or empty)")
+    tk = p.tokenizer
+    if tk.tokenizer_type == "bpe" and tk.vocab_size < 256 + len(tk.special_tokens):
+        fail("tokenizer.vocab_size", tk.vocab_size, f"a byte-level BPE needs at least 256 + "
+             f"{len(tk.special_tokens)} special tokens = {256 + len(tk.special_tokens)}")
+    if len(set(tk.special_tokens)) != len(tk.special_tokens) or "" in tk.special_tokens:
+        fail("tokenizer.special_tokens", tk.special_tokens, "must be distinct, non-empty strings")
+    if p.eval.stride > m.max_seq_length:
+        fail("eval.stride", p.eval.stride, f"must be <= model.max_seq_length ({m.max_seq_length}); "
+             "0 means non-overlapping windows")
+    for split in p.eval.splits:
+        if split not in ("train", "valid", "test"):
+            fail("eval.splits", p.eval.splits, f"{split!r} is not a split; use train, valid, test")
+
+
+def params_from_dict(raw: Any, *, source: str = "params.yaml") -> Params:
+    """Validate a parsed params.yaml mapping; missing sections and keys take defaults."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
+    built = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{source}: {key}: unknown section{_suggest(str(key), list(SECTIONS))}; "
+                              f"allowed sections: {', '.join(SECTIONS)}")
+        built[key] = build_section(SECTIONS[key], value, source=source, section=key)
+    params = Params(**built)
+    _check_consistency(params, source)
+    return params
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate params.yaml (a missing file is an error: the stages need it)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the project root (where params.yaml is)") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return params_from_dict(raw, source=str(path))
+
+
+def section_dict(section: Any) -> dict[str, Any]:
+    """A section as a plain dict (for fingerprints, metadata and logs)."""
+    return dataclasses.asdict(section)

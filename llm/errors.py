@@ -1,0 +1,21 @@
+"""Project exceptions: every user-facing failure is an LLMError with a one-line message."""
+
+
+class LLMError(Exception):
+    """Base class for errors a user can fix (bad params, bad data, missing files)."""
+
+
+class ConfigError(LLMError):
+    """A params.yaml value is unknown, of the wrong type, out of range or inconsistent."""
+
+
+class DataError(LLMError):
+    """Input data is missing, corrupt, empty, not UTF-8, or could not be downloaded."""
+
+
+class TokenizerError(LLMError):
+    """A tokenizer cannot be trained, loaded or used as asked."""
+
+
+class CheckpointError(LLMError):
+    """A checkpoint or model file is missing, corrupt, or does not match its inputs."""
