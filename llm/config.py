@@ -100,7 +100,7 @@ class ModelConfig:
 class TrainConfig:
     """`train`: optimisation (train stage)."""
 
-    batch_size: int = _knob(32, low=1, doc="sequences per optimizer step (all ranks, before accumulation split)")
+    batch_size: int = _knob(32, low=1, doc="sequences per optimizer step, summed over ranks")
     learning_rate: float = _knob(3e-4, low=0.0, high=1.0, low_open=True, doc="peak learning rate")
     min_lr: float = _knob(3e-5, low=0.0, high=1.0, doc="learning rate at the end of cosine decay")
     warmup_steps: int = _knob(100, low=0, doc="linear warmup steps")
@@ -179,7 +179,8 @@ def _suggest(word: str, options: list[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, "a list of strings")
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, "a list of strings")
 
 
 def _coerce(where: str, value: Any, tp: Any) -> Any:

@@ -1,0 +1,31 @@
+"""Shared fixtures: the offline corpora in ../shared/data and a clean environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real corpora (tiny Shakespeare, WikiText-2 valid) beside the project; read-only."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: tests need ../shared/data beside the project")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shared_data: Path) -> Path:
+    return shared_data / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session")
+def wikitext_valid(shared_data: Path) -> Path:
+    return shared_data / "wikitext-2" / "valid.txt"
