@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -299,6 +300,15 @@ def params_from_dict(raw: Any, *, source: str = "params.yaml") -> Params:
     return params
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `2e-05` as a float (YAML 1.2; `dvc exp run -S` writes such values)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate params.yaml (a missing file is an error: the stages need it)."""
     path = Path(path)
@@ -307,7 +317,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the project root (where params.yaml is)") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -1,0 +1,128 @@
+"""params.yaml validation: every bad value gets one line naming file, key, value and what is allowed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm.config import Params, load_params, params_from_dict, section_dict
+from llm.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+INVALID = [
+    ("unknown section", {"modle": {}},
+     "params.yaml: modle: unknown section (did you mean 'model'?); allowed sections: data, tokenizer"),
+    ("unknown key", {"train": {"learnig_rate": 0.1}},
+     "params.yaml: train.learnig_rate: unknown key (did you mean 'learning_rate'?); allowed keys: batch"),
+    ("string for int", {"model": {"d_model": "512"}},
+     "params.yaml: model.d_model = '512': must be an integer"),
+    ("bool for int", {"train": {"batch_size": True}},
+     "params.yaml: train.batch_size = True: must be an integer"),
+    ("list for str", {"tokenizer": {"pattern": ["gpt2"]}},
+     "params.yaml: tokenizer.pattern = ['gpt2']: must be a string"),
+    ("str for list", {"eval": {"splits": "valid"}}, "eval.splits = 'valid': must be a list of strings"),
+    ("not finite", {"train": {"learning_rate": float("nan")}}, "train.learning_rate = nan: must be a finite"),
+    ("negative lr", {"train": {"learning_rate": -0.001}},
+     "params.yaml: train.learning_rate = -0.001: must be > 0.0 and <= 1.0"),
+    ("dropout > 1", {"model": {"dropout": 1.5}}, "params.yaml: model.dropout = 1.5: must be <= 1.0"),
+    ("vocab 0", {"tokenizer": {"vocab_size": 0}}, "params.yaml: tokenizer.vocab_size = 0: must be >= 8"),
+    ("bad choice", {"model": {"position": "rop"}},
+     "params.yaml: model.position = 'rop': must be one of learned, sinusoidal, rope (did you mean 'rope'?)"),
+    ("bad dataset", {"data": {"dataset": "wikitext2"}},
+     "params.yaml: data.dataset = 'wikitext2': must be one of wikitext-2-raw-v1, wikitext-2-v1,"),
+    ("heads do not divide", {"model": {"d_model": 100, "num_heads": 8}},
+     "params.yaml: model.num_heads = 8: must divide model.d_model (100); choose one of 1, 2, 4, 5, 10, 20"),
+    ("rope odd head size", {"model": {"d_model": 24, "num_heads": 8}},
+     "params.yaml: model.position = 'rope': needs an even head size, got d_model/num_heads = 3"),
+    ("min_lr > lr", {"train": {"learning_rate": 1e-4, "min_lr": 1e-3}},
+     "params.yaml: train.min_lr = 0.001: must be <= train.learning_rate (0.0001)"),
+    ("grad accum", {"train": {"batch_size": 32, "grad_accum_steps": 5}},
+     "params.yaml: train.grad_accum_steps = 5: must divide train.batch_size (32)"),
+    ("val+test >= 1", {"data": {"val_fraction": 0.5, "test_fraction": 0.5}},
+     "params.yaml: data.val_fraction = 0.5: val_fraction + test_fraction (0.5) must be < 1"),
+    ("fraction range", {"data": {"val_fraction": 0.0}}, "data.val_fraction = 0.0: must be > 0.0 and <= 0.5"),
+    ("text_files without dir", {"data": {"dataset": "text_files"}},
+     "params.yaml: data.text_files_dir = '': must name a folder of *.txt files when data.dataset is"),
+    ("url without http", {"data": {"dataset": "url", "url": "ftp://example.org/a.txt"}},
+     "params.yaml: data.url = 'ftp://example.org/a.txt': must be an http(s) URL when data.dataset is url"),
+    ("bad sha256", {"data": {"sha256": "abc123"}},
+     "params.yaml: data.sha256 = 'abc123': must be 64 hex digits"),
+    ("two members", {"data": {"members": ["a", "b"]}}, "data.members = ['a', 'b']: must list exactly 3"),
+    ("bpe vocab < 257", {"tokenizer": {"vocab_size": 256}},
+     "params.yaml: tokenizer.vocab_size = 256: a byte-level BPE needs at least 256 + 1 special tokens = 257"),
+    ("duplicate specials", {"tokenizer": {"special_tokens": ["<s>", "<s>"]}},
+     "params.yaml: tokenizer.special_tokens = ['<s>', '<s>']: must be distinct, non-empty strings"),
+    ("stride > seq", {"model": {"max_seq_length": 64}, "eval": {"stride": 65}},
+     "params.yaml: eval.stride = 65: must be <= model.max_seq_length (64)"),
+    ("unknown eval split", {"eval": {"splits": ["valid", "dev"]}},
+     "params.yaml: eval.splits = ['valid', 'dev']: 'dev' is not a split; use train, valid, test"),
+    ("vocab_size in params", {"model": {"vocab_size": 5000}},
+     "params.yaml: model.vocab_size: not a params.yaml key: it is taken from the tokenizer"),
+    ("section not a mapping", {"train": [1, 2]}, "params.yaml: section 'train' must be a mapping"),
+    ("top level not a mapping", ["data"], "params.yaml: must be a mapping of sections, got list"),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), [case[1:] for case in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_config_is_one_clear_line(raw, message):
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)
+    text = str(info.value)
+    assert message in text, text
+    assert "\n" not in text
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  dataset: text_files\ntrain:\n  batch_size: [1, 2\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: not valid YAML at line \d+"):
+        load_params(path)
+
+
+def test_missing_file_says_where_to_run(tmp_path):
+    with pytest.raises(ConfigError, match=r"params.yaml: not found; run from the project root"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_errors_name_the_file_they_came_from(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  norm: batchnorm\n")
+    expected = rf"^{re.escape(str(path))}: model.norm = 'batchnorm': must be one of layernorm, rmsnorm$"
+    with pytest.raises(ConfigError, match=expected):
+        load_params(path)
+
+
+def test_partial_params_take_the_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  d_model: 64\n  num_heads: 4\ntrain:\n  learning_rate: 0.01\neval:\n")
+    params = load_params(path)
+    assert params.model.d_model == 64 and params.model.num_heads == 4
+    assert params.train.learning_rate == 0.01 and params.train.batch_size == Params().train.batch_size
+    assert params.eval == Params().eval and params.data == Params().data
+    assert load_params(_write(tmp_path / "empty.yaml", "")) == Params()
+
+
+def test_ints_are_accepted_for_floats_and_exponents_without_a_dot_parse(tmp_path):
+    """`dvc exp run -S train.min_lr=2e-5` writes `min_lr: 2e-05`, which YAML 1.1 would read as a string."""
+    params = load_params(_write(tmp_path / "p.yaml", "train:\n  learning_rate: 1\n  min_lr: 2e-05\n"))
+    assert params.train.learning_rate == 1.0 and isinstance(params.train.learning_rate, float)
+    assert params.train.min_lr == 2e-5
+
+
+def test_repo_params_yaml_equals_the_defaults():
+    """The consistency check between params.yaml and the dataclasses: every key present, every value equal."""
+    path = PROJECT_ROOT / "params.yaml"
+    assert load_params(path) == Params()
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    expected = {name: section_dict(getattr(Params(), name)) for name in raw}
+    expected["model"].pop("vocab_size")
+    assert raw == expected
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
