@@ -81,3 +81,16 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise CheckpointError(f"{path}: weights do not match the stored model config: "
                               f"{str(exc).splitlines()[0][:200]}") from None
     return model.to(device).eval(), payload
+
+
+def save_training_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """torch.save a training checkpoint atomically; a failure names the path and keeps the old file."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: could not write the checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); "
+                              f"make {path.parent} a writable folder with free space; the previous "
+                              f"checkpoint, if any, is intact") from None

@@ -1,0 +1,29 @@
+"""Train stage: token shards -> models/model.pt, metrics/train.json and the training curves.
+
+Resumes from checkpoints/last.pt when it belongs to the same params and inputs. With
+runtime.nproc_per_node > 1 it re-runs itself under torchrun (one process per GPU).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm.config import load_params
+from llm.launch import relaunch_under_torchrun
+from llm.stage import run_stage
+
+
+def main() -> None:
+    """Train with params.yaml, in this process or under torchrun."""
+    params = load_params()
+    exit_code = relaunch_under_torchrun(params.runtime.nproc_per_node, str(Path(__file__).resolve()))
+    if exit_code is not None:
+        sys.exit(exit_code)
+    from llm.train import train  # imported here so a torchrun parent does not load torch
+
+    train(params)
+
+
+if __name__ == "__main__":
+    run_stage(main)
