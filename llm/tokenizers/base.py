@@ -1,0 +1,176 @@
+"""The tokenizer interface, its versioned JSON file format, and `load_tokenizer`.
+
+Every tokenizer saves to one JSON document ``{"type": ..., "version": 1, ...}`` that
+holds everything needed to rebuild it exactly; pickle is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from llm.errors import TokenizerError
+from llm.io import write_json_atomic
+
+FORMAT_VERSION = 1
+EOT = "<|endoftext|>"
+AllowedSpecial = Literal["all"] | Collection[str]
+
+_REGISTRY: dict[str, type[Tokenizer]] = {}
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Subclasses set `kind` (the file's `type`) and implement the abstract methods."""
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _REGISTRY[cls.kind] = cls
+
+    @abstractmethod
+    def encode(self, text: str, *, allowed_special: AllowedSpecial = ()) -> list[int]:
+        """Token ids of `text`; special tokens count only if listed in `allowed_special` (or "all")."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+
+    @property
+    @abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """Special token string -> id."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document that rebuilds this tokenizer (with `type` and `version`)."""
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, doc: dict[str, Any], source: str = "<dict>") -> Tokenizer:
+        """Rebuild from `to_dict()` output; `source` names the file in error messages."""
+
+    @property
+    def eot_id(self) -> int | None:
+        """Id of `<|endoftext|>`, or None when it is not a special token."""
+        return self.special_tokens.get(EOT)
+
+    def encode_batch(self, texts: Iterable[str], *, allowed_special: AllowedSpecial = ()) -> list[list[int]]:
+        """`encode` of each text (the per-word cache is shared across the batch)."""
+        return [self.encode(text, allowed_special=allowed_special) for text in texts]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer as one JSON document, atomically."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Read a tokenizer file written by `save` (it must be of this class's type)."""
+        tok = load_tokenizer(path)
+        if not isinstance(tok, cls):
+            raise TokenizerError(f"{path}: holds a {tok.kind!r} tokenizer, not {cls.kind!r}; "
+                                 f"use load_tokenizer() or refit with tokenizer_type: {cls.kind}")
+        return tok
+
+    def _resolve_allowed(self, allowed_special: AllowedSpecial) -> dict[str, int]:
+        """The special tokens that `allowed_special` enables, checked against this vocabulary."""
+        if allowed_special == "all":
+            return self.special_tokens
+        if isinstance(allowed_special, str):
+            raise TokenizerError(f"allowed_special = {allowed_special!r}: pass 'all' or a set of strings")
+        unknown = [s for s in allowed_special if s not in self.special_tokens]
+        if unknown:
+            raise TokenizerError(f"allowed_special: {unknown!r} are not special tokens of this tokenizer "
+                                 f"(it has {list(self.special_tokens)})")
+        return {s: self.special_tokens[s] for s in allowed_special}
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic GC, which would rescan every cached list again and again while we build millions."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def check_special_tokens(special_tokens: Iterable[str]) -> list[str]:
+    """The special tokens as a list, or TokenizerError when any is empty, repeated or not a string."""
+    tokens = list(special_tokens) if not isinstance(special_tokens, str) else [special_tokens]
+    if any(not isinstance(s, str) or not s for s in tokens) or len(set(tokens)) != len(tokens):
+        raise TokenizerError(f"special_tokens = {tokens!r}: must be distinct, non-empty strings")
+    return tokens
+
+
+def check_vocab_size(vocab_size: Any, minimum: int, what: str) -> int:
+    """`vocab_size` as an int >= minimum, else a TokenizerError saying why the minimum exists."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise TokenizerError(f"vocab_size = {vocab_size!r}: must be an integer >= {minimum} ({what})")
+    return vocab_size
+
+
+def training_texts(text: str | Iterable[str]) -> list[str]:
+    """Normalise `text` (a string or an iterable of strings) to a list; empty text is an error."""
+    texts = [text] if isinstance(text, str) else list(text)
+    for item in texts:
+        if not isinstance(item, str):
+            raise TokenizerError(f"training text must be str or iterable of str, not {type(item).__name__}")
+    if not any(texts):
+        raise TokenizerError("training text is empty: give the tokenizer some text to learn from")
+    return texts
+
+
+def doc_field(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
+    """`doc[key]`, checked to exist and have the JSON type `kind`, else a TokenizerError naming `source`."""
+    if key not in doc:
+        raise TokenizerError(f"{source}: tokenizer file lacks the field {key!r}; it is corrupt, "
+                             "re-run the fit_tokenizer stage")
+    value = doc[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise TokenizerError(f"{source}: field {key!r} has the wrong type ({type(value).__name__}); "
+                             "the file is corrupt, re-run the fit_tokenizer stage")
+    return value
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Read any tokenizer file written by `Tokenizer.save`, dispatching on its `type`."""
+    path = Path(path)
+    redo = "re-run the fit_tokenizer stage (dvc repro fit_tokenizer)"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: tokenizer file not found; {redo}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{path}: cannot read the tokenizer file ({exc}); {redo}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path}: not valid JSON ({exc}); the file is corrupt, {redo}") from None
+    if not isinstance(doc, dict):
+        raise TokenizerError(f"{path}: expected a JSON object with 'type' and 'version'; {redo}")
+    kind = doc_field(doc, "type", str, str(path))
+    version = doc_field(doc, "version", int, str(path))
+    if kind not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise TokenizerError(f"{path}: unknown tokenizer type {kind!r} (known: {known}); {redo}")
+    if version > FORMAT_VERSION:
+        raise TokenizerError(f"{path}: tokenizer file version {version} is newer than this code reads "
+                             f"({FORMAT_VERSION}); upgrade the llm package or {redo}")
+    if version < 1:
+        raise TokenizerError(f"{path}: tokenizer file version {version} is not valid; {redo}")
+    return _REGISTRY[kind].from_dict(doc, source=str(path))

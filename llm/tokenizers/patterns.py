@@ -1,0 +1,99 @@
+"""Pre-tokenization regexes (GPT-2, GPT-4/cl100k) and a fast exact splitter for the named ones.
+
+A byte-level BPE never merges across the pieces that its regex cuts the text into.
+The named patterns are the ones tiktoken ships, so `tiktoken.Encoding(pat_str=...)`
+with our ranks reproduces our ids exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+
+import regex
+
+from llm.errors import TokenizerError
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+                r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+NAMED_PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# The same patterns for pure-ASCII text, where \p{L}, \p{N} and \s are A-Za-z, 0-9 and the six ASCII
+# White_Space characters: Python's `re` runs them faster than `regex` runs the Unicode ones.
+_WS = r"\t\n\x0b\x0c\r "
+_ASCII_PATTERNS = {
+    GPT2_PATTERN: (rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]++| ?[0-9]++| ?[^{_WS}A-Za-z0-9]++"""
+                   rf"""|[{_WS}]++$|[{_WS}]+(?![^{_WS}])|[{_WS}]"""),
+    GPT4_PATTERN: (rf"""'(?i:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?+[A-Za-z]++|[0-9]{{1,3}}+"""
+                   rf"""| ?[^{_WS}A-Za-z0-9]++[\r\n]*+|[{_WS}]++$|[{_WS}]*[\r\n]"""
+                   rf"""|[{_WS}]+(?![^{_WS}])|[{_WS}]"""),
+}
+
+# For both named patterns every match ends right before a U+0020 space whose preceding character is not
+# whitespace (letters, digits and punctuation runs all stop there, no alternative looks behind, and the
+# piece after it ends in non-whitespace so `$` and `(?!\S)` see the same thing). Cutting the text at
+# those spaces therefore gives exactly the same matches, and the cut pieces repeat a lot, so they can be
+# cached. Python's \s is a superset of the Unicode White_Space the patterns use, so this errs on the
+# side of cutting less.
+SPACE_CUT = re.compile(r" (?<!\s )")
+
+
+def resolve_pattern(pattern: str) -> str:
+    """The regex for a pattern name (`gpt2`, `gpt4`) or a custom regex string, checked to compile."""
+    if not isinstance(pattern, str) or not pattern:
+        raise TokenizerError(f"pattern = {pattern!r}: use 'gpt2', 'gpt4' or a non-empty regex string")
+    if pattern in NAMED_PATTERNS:
+        return NAMED_PATTERNS[pattern]
+    if re.fullmatch(r"[a-z][a-z0-9_-]*", pattern):
+        raise TokenizerError(f"pattern = {pattern!r}: unknown pattern name; use one of "
+                             f"{', '.join(NAMED_PATTERNS)} or a regex string")
+    try:
+        regex.compile(pattern)
+    except regex.error as exc:
+        raise TokenizerError(f"pattern = {pattern!r}: not a valid regex ({exc}); fix it or use gpt2/gpt4"
+                             ) from None
+    return pattern
+
+
+def make_splitter(pattern: str) -> Callable[[str], list[str]]:
+    """A function text -> pre-tokenized pieces (strings), for a resolved pattern."""
+    unicode_findall = regex.compile(pattern).findall
+    try:
+        ascii_findall = re.compile(_ASCII_PATTERNS[pattern]).findall
+    except (KeyError, re.error):  # a custom pattern, or a Python whose `re` lacks possessive quantifiers
+        return unicode_findall
+
+    def findall(text: str) -> list[str]:
+        return ascii_findall(text) if text.isascii() else unicode_findall(text)
+
+    return findall
+
+
+def is_space_cuttable(pattern: str) -> bool:
+    """True when `SPACE_CUT` cuts never change this pattern's matches (the named patterns)."""
+    return pattern in NAMED_PATTERNS.values()
+
+
+def words_of_pieces(findall: Callable[[str], list[str]],
+                    pieces: Iterable[str]) -> Iterator[tuple[list[str], list[str], bool]]:
+    """(pieces, their words in order, one word each?) in groups, for middle pieces of `SPACE_CUT.split`.
+
+    " " + an ASCII-letters piece is one word under both named patterns, so those need no regex. The
+    other middle pieces end in non-whitespace, so one regex run over " " + " ".join(pieces) cuts the
+    matches exactly where the pieces meet: piece k owns the next matches whose lengths add up to
+    len(piece) + 1. ASCII pieces go together so that the fast ASCII regex runs on them.
+    """
+    letters, ascii_other, other = [], [], []
+    for piece in pieces:
+        if not piece.isascii():
+            other.append(piece)
+        elif piece.isalpha():
+            letters.append(piece)
+        else:
+            ascii_other.append(piece)
+    if letters:
+        yield letters, [" " + piece for piece in letters], True
+    for group in (ascii_other, other):
+        if group:
+            yield group, findall(" " + " ".join(group)), False

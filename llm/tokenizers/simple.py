@@ -1,0 +1,155 @@
+"""Word-level tokenizer: whitespace words (optionally punctuation split, optionally lowercased).
+
+Example::
+
+    >>> tok = SimpleTokenizer.train("the cat sat on the mat . the end", vocab_size=3 + 4)
+    >>> tok.special_tokens
+    {'<pad>': 0, '<unk>': 1, '<|endoftext|>': 2}
+    >>> tok.vocab[3:]                    # most frequent first, ties by word: "." < "cat" < "end"
+    ['the', '.', 'cat', 'end']
+    >>> tok.encode("the dog sat .")      # unknown words -> <unk>
+    [3, 1, 1, 4]
+    >>> tok.decode([3, 5, 2])            # decode joins with single spaces: lossy on whitespace
+    'the cat <|endoftext|>'
+
+Ids: 0 is `<pad>`, 1 is `<unk>`, then the other special tokens, then the words by count (desc) then
+word. Words occurring fewer than `min_frequency` times, or beyond `vocab_size`, become `<unk>`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from llm.errors import TokenizerError
+from llm.tokenizers.base import (
+    EOT,
+    FORMAT_VERSION,
+    AllowedSpecial,
+    Tokenizer,
+    check_special_tokens,
+    check_vocab_size,
+    doc_field,
+    training_texts,
+)
+
+PAD, UNK = "<pad>", "<unk>"
+_WORD_OR_PUNCT = re.compile(r"\w+|[^\w\s]")
+
+
+class SimpleTokenizer(Tokenizer):
+    """Word-level vocabulary; `<unk>` for words outside it. `decode` joins words with spaces (lossy)."""
+
+    kind = "simple"
+
+    def __init__(self, vocab: Iterable[str], special_tokens: Iterable[str] = (EOT,), *,
+                 lowercase: bool = False, split_punctuation: bool = False) -> None:
+        specials = [PAD, UNK] + [s for s in check_special_tokens(special_tokens) if s not in (PAD, UNK)]
+        self._special = {s: i for i, s in enumerate(specials)}
+        self.vocab = specials + [w for w in vocab if w not in self._special]
+        self._ids = {w: i for i, w in enumerate(self.vocab)}
+        if len(self._ids) != len(self.vocab):
+            raise TokenizerError("SimpleTokenizer: the vocabulary repeats a word; refit the tokenizer")
+        self._word_ids = {w: i for w, i in self._ids.items() if w not in self._special}
+        self.lowercase = lowercase
+        self.split_punctuation = split_punctuation
+
+    def words(self, text: str) -> list[str]:
+        """The words of `text` as this tokenizer sees them (lowercased / punctuation split if set)."""
+        if self.lowercase:
+            text = text.lower()
+        return _WORD_OR_PUNCT.findall(text) if self.split_punctuation else text.split()
+
+    @classmethod
+    def train(cls, text: str | Iterable[str], vocab_size: int = 10000, *, min_frequency: int = 1,
+              lowercase: bool = False, split_punctuation: bool = False,
+              special_tokens: Iterable[str] = (EOT,)) -> SimpleTokenizer:
+        """Keep the `vocab_size` - specials most frequent words occurring >= `min_frequency` times."""
+        specials = [PAD, UNK] + [s for s in check_special_tokens(special_tokens) if s not in (PAD, UNK)]
+        vocab_size = check_vocab_size(vocab_size, len(specials) + 1, f"{len(specials)} specials + 1 word")
+        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+            raise TokenizerError(f"min_frequency = {min_frequency!r}: must be an integer >= 1")
+        splitter = cls([], specials, lowercase=lowercase, split_punctuation=split_punctuation)
+        counts: Counter[str] = Counter()
+        for item in training_texts(text):
+            counts.update(splitter.words(item))
+        for special in specials:
+            counts.pop(special, None)
+        ranked = sorted((w for w, c in counts.items() if c >= min_frequency), key=lambda w: (-counts[w], w))
+        room = vocab_size - len(specials)
+        if len(ranked) < room:
+            warnings.warn(f"SimpleTokenizer: only {len(ranked)} words occur >= min_frequency "
+                          f"({min_frequency}) times; vocab_size is {len(specials) + len(ranked)}, "
+                          f"not {vocab_size}", stacklevel=2)
+        return cls(ranked[:room], specials, lowercase=lowercase, split_punctuation=split_punctuation)
+
+    def encode(self, text: str, *, allowed_special: AllowedSpecial = ()) -> list[int]:
+        """Word ids of `text` (`<unk>` for unknown words); specials count only if allowed."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode: expected str, got {type(text).__name__}")
+        allowed = self._resolve_allowed(allowed_special)
+        get, unk = self._word_ids.get, self._special[UNK]
+        if not allowed:
+            return [get(w, unk) for w in self.words(text)]
+        splitter = re.compile("(" + "|".join(map(re.escape, sorted(allowed, key=len, reverse=True))) + ")")
+        ids: list[int] = []
+        for i, part in enumerate(splitter.split(text)):
+            ids.extend([allowed[part]] if i % 2 else [get(w, unk) for w in self.words(part)])
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words of `ids` joined by single spaces (original spacing and case are not restored)."""
+        words = []
+        for i in ids:
+            if not 0 <= i < len(self.vocab):
+                raise TokenizerError(f"decode: id {i} is out of range; ids must be in [0, {len(self.vocab)})")
+            words.append(self.vocab[i])
+        return " ".join(words)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+        return len(self.vocab)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token -> id, including `<pad>` (0) and `<unk>` (1)."""
+        return dict(self._special)
+
+    @property
+    def unk_id(self) -> int:
+        """Id of `<unk>`."""
+        return self._special[UNK]
+
+    @property
+    def pad_id(self) -> int:
+        """Id of `<pad>`."""
+        return self._special[PAD]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document: options, special tokens, and the words in id order."""
+        return {"type": self.kind, "version": FORMAT_VERSION, "vocab_size": self.vocab_size,
+                "lowercase": self.lowercase, "split_punctuation": self.split_punctuation,
+                "special_tokens": self._special, "words": self.vocab[len(self._special):]}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], source: str = "<dict>") -> SimpleTokenizer:
+        """Rebuild from `to_dict()` output, checking every field."""
+        specials = doc_field(doc, "special_tokens", dict, source)
+        words = doc_field(doc, "words", list, source)
+        vocab_size = doc_field(doc, "vocab_size", int, source)
+        options = {k: doc_field(doc, k, bool, source) for k in ("lowercase", "split_punctuation")}
+        if not all(isinstance(w, str) for w in words):
+            raise TokenizerError(f"{source}: 'words' must be a list of strings; the file is corrupt, "
+                                 "re-run the fit_tokenizer stage")
+        try:
+            tok = cls(words, list(specials), **options)
+        except TokenizerError as exc:
+            raise TokenizerError(f"{source}: {exc}") from None
+        if tok.special_tokens != specials or tok.vocab_size != vocab_size:
+            raise TokenizerError(f"{source}: words, special token ids and vocab_size ({vocab_size}) "
+                                 "disagree; the file is corrupt, re-run the fit_tokenizer stage")
+        return tok
