@@ -1,0 +1,152 @@
+"""End to end: the five stages under real DVC, caching, re-runs by params section, experiments.
+
+One tiny project is built per module and the checks run in order on it, each
+leaving the project in the state the next one expects (the first repro is the
+expensive part; later steps re-run only what they change).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from pipeline_project import (
+    STAGES,
+    build_project,
+    commit_all,
+    dvc,
+    git,
+    run,
+    set_param,
+    stages_ran,
+    stages_skipped,
+)
+
+pytestmark = pytest.mark.slow
+
+TRAIN_KEYS = {"train_loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_sec", "num_params", "train_time_s",
+              "device"}
+EVAL_KEYS = {f"{split}_{metric}" for split in ("valid", "test")
+             for metric in ("loss", "ppl", "bpb", "word_ppl")}
+OUTS = ("data/raw/train.txt", "data/raw/valid.txt", "data/raw/test.txt", "data/tokenizer.json",
+        "data/shards/meta.json", "models/model.pt", "metrics/train.json", "metrics/train_log.tsv",
+        "metrics/val_log.tsv", "metrics/eval.json", "plots/loss.png", "reports/samples.txt")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
+    """The tiny project on tiny Shakespeare, shared by every check of this module."""
+    return build_project(tmp_path_factory.mktemp("pipeline") / "project", shakespeare.parent)
+
+
+@pytest.fixture(scope="module")
+def first_repro(project: Path) -> str:
+    """The output of the first `dvc repro` (the expensive step, run once)."""
+    return dvc(project, "repro").stdout
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's content."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_repro_runs_every_stage_and_writes_every_out(project: Path, first_repro: str) -> None:
+    assert stages_ran(first_repro) == list(STAGES)
+    missing = [out for out in OUTS if not (project / out).is_file()]
+    assert not missing, f"declared outputs missing after dvc repro: {missing}"
+    assert list((project / "data/shards/train").glob("*.npy")), "no train shards written"
+    assert (project / "reports/samples.txt").read_text(encoding="utf-8").strip()
+
+
+def test_metrics_have_the_documented_keys(project: Path, first_repro: str) -> None:
+    train = read_json(project / "metrics/train.json")
+    evaluation = read_json(project / "metrics/eval.json")
+    assert set(train) >= TRAIN_KEYS, f"metrics/train.json lacks {TRAIN_KEYS - set(train)}"
+    assert set(evaluation) >= EVAL_KEYS, f"metrics/eval.json lacks {EVAL_KEYS - set(evaluation)}"
+    assert train["device"] == "cpu"
+    assert 1000 < train["num_params"] < 50_000
+    for key in EVAL_KEYS | (TRAIN_KEYS - {"device"}):
+        value = evaluation.get(key, train.get(key))
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{key} = {value!r}"
+    # Perplexity is exp(loss); a 300-token vocabulary bounds the loss of a sane model near ln(300).
+    assert evaluation["valid_ppl"] == pytest.approx(math.exp(evaluation["valid_loss"]), rel=1e-4)
+    assert evaluation["valid_loss"] < math.log(300) + 0.5
+
+
+def test_generate_continues_a_prompt_from_a_training_checkpoint(project: Path, first_repro: str) -> None:
+    generate = (sys.executable, "-m", "llm.cli", "generate", "--prompt", "ROMEO:", "--max-length", "8",
+                "--num-samples", "1", "--checkpoint", "checkpoints/best_model.pt")
+    output = run(project, *generate).stdout
+    assert output.startswith("ROMEO:") and len(output.strip()) > len("ROMEO:"), output
+
+
+def assert_nothing_ran(output: str) -> None:
+    """`dvc repro` output in which every stage was found unchanged (not merely unparsed)."""
+    assert stages_ran(output) == [] and stages_skipped(output) == list(STAGES), output
+
+
+def test_second_repro_runs_nothing(project: Path, first_repro: str) -> None:
+    assert_nothing_ran(dvc(project, "repro").stdout)
+    assert "up to date" in dvc(project, "status").stdout
+    commit_all(project, "first run")
+
+
+def test_runtime_knob_reruns_nothing(project: Path, first_repro: str) -> None:
+    set_param(project, "runtime.log_interval", 3)
+    assert_nothing_ran(dvc(project, "repro").stdout)
+    git(project, "checkout", "--", "params.yaml")
+
+
+def run_experiment(project: Path, name: str, setting: str) -> list[str]:
+    """`dvc exp run -n NAME -S SETTING` (which edits params.yaml and reproduces); the stages it ran."""
+    output = dvc(project, "exp", "run", "-n", name, "-S", setting).stdout
+    assert f"Ran experiment(s): {name}" in output, output
+    return stages_ran(output)
+
+
+def test_learning_rate_reruns_train_and_evaluate(project: Path, first_repro: str) -> None:
+    assert run_experiment(project, "lr-high", "train.learning_rate=0.01") == ["train", "evaluate"]
+
+
+def test_metrics_diff_shows_the_change(project: Path, first_repro: str) -> None:
+    diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
+    changed = {key for metrics in diff.values() for key, values in metrics.items() if values.get("diff")}
+    assert {"train_loss", "valid_loss", "test_bpb"} <= changed, diff
+
+
+def test_plots_show_writes_html(project: Path, first_repro: str, tmp_path: Path) -> None:
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text(encoding="utf-8")
+    assert "train_loss" in html and "val_loss" in html
+
+
+def test_vocab_size_reruns_everything_after_download(project: Path, first_repro: str) -> None:
+    git(project, "checkout", "--", "params.yaml")  # back to the committed baseline
+    ran = run_experiment(project, "vocab-320", "tokenizer.vocab_size=320")
+    assert ran == ["fit_tokenizer", "encode", "train", "evaluate"]
+    assert read_json(project / "data/tokenizer.json")["vocab_size"] == 320
+
+
+def test_experiments_are_listed_with_params_and_metrics(project: Path, first_repro: str) -> None:
+    rows = experiment_rows(json.loads(dvc(project, "exp", "show", "--json").stdout))
+    assert {"lr-high", "vocab-320"} <= set(rows), f"experiments listed: {sorted(rows)}"
+    for name, rate, vocab in (("lr-high", 0.01, 300), ("vocab-320", 0.0003, 320)):
+        params = rows[name]["params"]["params.yaml"]["data"]
+        assert (params["train"]["learning_rate"], params["tokenizer"]["vocab_size"]) == (rate, vocab)
+    metrics = {name: rows[name]["metrics"]["metrics/eval.json"]["data"] for name in ("lr-high", "vocab-320")}
+    assert all(set(values) >= EVAL_KEYS for values in metrics.values()), metrics
+    assert metrics["lr-high"]["valid_bpb"] != metrics["vocab-320"]["valid_bpb"]
+
+
+def experiment_rows(show: list[dict]) -> dict[str, dict]:
+    """`dvc exp show --json` flattened to {experiment name: its data (params, metrics)}."""
+    rows = {}
+    for baseline in show:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs", []):
+                if rev.get("name"):
+                    rows[rev["name"]] = rev["data"]
+    return rows
