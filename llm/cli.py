@@ -1,23 +1,148 @@
-"""`llm` command line entry point."""
+"""`llm` command line: `llm generate` streams a continuation of a prompt, `llm info` describes a checkpoint.
+
+Defaults of `generate` come from the `generate` section of ./params.yaml when there is one (else the
+dataclass defaults in llm.config), so `llm generate` samples like the evaluate stage does.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
-from llm.errors import LLMError
+import torch
+
+from llm.config import GenerateConfig, RuntimeConfig, load_params
+from llm.errors import ConfigError, LLMError
+
+DEFAULT_CHECKPOINT = "models/model.pt"
+DEFAULT_TOKENIZER = "data/tokenizer.json"
+
+
+def _project_defaults() -> tuple[GenerateConfig, RuntimeConfig]:
+    """The generate/runtime sections of ./params.yaml when present, else the built-in defaults."""
+    if Path("params.yaml").is_file():
+        params = load_params("params.yaml")
+        return params.generate, params.runtime
+    return GenerateConfig(), RuntimeConfig()
+
+
+class _Streamer:
+    """Prints each row's new text as tokens arrive: decode the whole continuation, print the new suffix.
+
+    Text ending in U+FFFD may be a multi-byte character cut in half, so it is held back until the
+    next token completes it (or until `finish`).
+    """
+
+    def __init__(self, tokenizer: Any, eot_id: int | None):
+        self.tokenizer, self.eot_id = tokenizer, eot_id
+        self.ids: list[int] = []
+        self.printed = ""
+        self.done = False
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        token = int(tokens[0])
+        if self.done or token == self.eot_id:
+            self.done = True
+            return
+        self.ids.append(token)
+        self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+    def finish(self) -> None:
+        """Print whatever was held back and end the line."""
+        self._emit(self.tokenizer.decode(self.ids))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Load checkpoint and tokenizer (hashes must match), then stream `num_samples` continuations."""
+    from llm.checkpoint import load_model_file
+    from llm.generate import check_tokenizer_matches, generate, sampling_options, token_tensor
+    from llm.hardware import resolve_device
+    from llm.tokenizers import load_tokenizer
+
+    if not args.prompt:
+        raise ConfigError("--prompt is empty: give some text to continue")
+    for flag, value, ok in (("--max-length", args.max_length, args.max_length >= 1),
+                            ("--num-samples", args.num_samples, args.num_samples >= 1),
+                            ("--temperature", args.temperature, args.temperature >= 0),
+                            ("--top-k", args.top_k, args.top_k >= 0),
+                            ("--top-p", args.top_p, 0 < args.top_p <= 1)):
+        if not ok:
+            raise ConfigError(f"{flag} = {value}: out of range (see `llm generate --help`)")
+    device = resolve_device(args.device)
+    model, payload = load_model_file(args.checkpoint, device)
+    check_tokenizer_matches(args.tokenizer, payload, args.checkpoint)
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompt_ids = tokenizer.encode(args.prompt)
+    top_k, top_p = sampling_options(args.top_k, args.top_p)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for number in range(1, args.num_samples + 1):
+        if args.num_samples > 1:
+            print(f"=== sample {number} ===")
+        sys.stdout.write(args.prompt)
+        streamer = _Streamer(tokenizer, tokenizer.eot_id)
+        generate(model, token_tensor(prompt_ids, 1, device), args.max_length, temperature=args.temperature,
+                 top_k=top_k, top_p=top_p, generator=generator, eot_id=tokenizer.eot_id, on_token=streamer)
+        streamer.finish()
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a checkpoint's model config, parameter count, step and metrics."""
+    from llm.checkpoint import load_model_file
+
+    model, payload = load_model_file(args.checkpoint, "cpu")
+    print(f"checkpoint: {args.checkpoint}")
+    print(f"parameters: {model.num_params():,}")
+    print(f"step: {payload.get('step', 'unknown')}")
+    print(f"tokenizer sha256: {payload.get('tokenizer_sha256', 'unknown')}")
+    print("model config:")
+    for key, value in payload["model_config"].items():
+        print(f"  {key}: {value}")
+    print("metrics:")
+    for key, value in (payload.get("metrics") or {}).items():
+        print(f"  {key}: {json.dumps(value)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `llm` parser; generate's defaults are read from ./params.yaml when it exists."""
+    gen, runtime = _project_defaults()
     parser = argparse.ArgumentParser(prog="llm", description="A from-scratch GPT trained through DVC.")
-    parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    g = commands.add_parser("generate", help="continue a prompt, streaming tokens to stdout")
+    g.add_argument("--prompt", default=gen.prompt, help="text to continue (default: %(default)r)")
+    g.add_argument("--max-length", type=int, default=gen.max_length, help="new tokens per sample")
+    g.add_argument("--temperature", type=float, default=gen.temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=gen.top_k, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=gen.top_p, help="nucleus probability mass (1 = off)")
+    g.add_argument("--num-samples", type=int, default=gen.num_samples, help="continuations, one by one")
+    g.add_argument("--seed", type=int, default=gen.seed, help="sampling seed")
+    g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="models/model.pt or a training checkpoint such as checkpoints/best_model.pt")
+    g.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer the checkpoint used")
+    g.add_argument("--device", default=runtime.device, choices=("auto", "cuda", "mps", "cpu"))
+    g.set_defaults(func=cmd_generate)
+    info = commands.add_parser("info", help="print a checkpoint's config, size, step and metrics")
+    info.add_argument("checkpoint", help="models/model.pt or a checkpoints/*.pt file")
+    info.set_defaults(func=cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run a subcommand; user errors print one line and exit 2."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except LLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

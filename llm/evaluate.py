@@ -1,0 +1,143 @@
+"""Held-out metrics over whole splits: loss, perplexity, bits per byte and word-level perplexity.
+
+Every token after the first of a split is scored exactly once (the first has nothing to be predicted
+from), so a split of N tokens yields N - 1 scored tokens. Per-token numbers (`loss`, `ppl`) divide the
+summed negative log-likelihood by those N - 1 tokens. The normalised numbers (`bpb`, `word_ppl`) divide
+the same sum by ALL the split's UTF-8 bytes / words, as papers do; leaving out the first token's
+prediction biases them down by about one token in N, which is negligible for any real split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llm.config import GenerateConfig
+from llm.errors import DataError
+from llm.generate import decode_continuation, generate, sampling_options, token_tensor
+from llm.shards import TokenShards, read_meta
+
+
+def window_plan(num_tokens: int, window: int, stride: int = 0) -> list[tuple[int, int, int]]:
+    """(begin, length, skip) per window: inputs tokens[begin:begin+length], targets shifted by one,
+    the first `skip` targets already scored by an earlier window.
+
+    stride 0 (or == window) gives non-overlapping windows. A smaller stride is the sliding-window scheme
+    of the Hugging Face perplexity guide: windows advance by `stride`, each scores only the targets
+    that no earlier window scored (the first window scores all), so every target is scored once with
+    at least window - stride tokens of context; the final, shorter window is included.
+    """
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise DataError(f"eval.stride = {stride}: must be in 1..{window} (the context), or 0")
+    num_targets = num_tokens - 1
+    plan, begin, scored_until = [], 0, 0
+    while scored_until < num_targets:
+        end = min(begin + window, num_targets)
+        plan.append((begin, end - begin, scored_until - begin))
+        scored_until, begin = end, begin + stride
+    return plan
+
+
+def _batch(shards: TokenShards, windows: list[tuple[int, int, int]], device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (B, L) padded with 0 and targets (B, L) with -1 wherever nothing is scored."""
+    width = max(length for _, length, _ in windows)
+    inputs = np.zeros((len(windows), width), dtype=np.int64)
+    targets = np.full((len(windows), width), -1, dtype=np.int64)
+    for row, (begin, length, skip) in enumerate(windows):
+        tokens = shards.read(begin, length + 1)
+        inputs[row, :length] = tokens[:-1]
+        targets[row, skip:length] = tokens[1 + skip:]
+    return torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device)
+
+
+@torch.inference_mode()
+def evaluate_split(model: torch.nn.Module, shards: TokenShards, *, window: int, stride: int = 0,
+                   batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
+    """Summed nats and the number of scored tokens over a whole split (see `window_plan`).
+
+    Sums rather than means, so that splits, batches of different sizes and ranks combine exactly:
+    every normalisation (per token, per byte, per word) is then one division at the end. Under
+    torch.distributed each rank scores every world_size-th window and the sums are all-reduced.
+    The model must return (logits, loss) with logits for every position; run under the caller's
+    autocast, the cross-entropy itself is taken in fp32. Deterministic for a given model and data.
+    """
+    if len(shards) < 2:
+        raise DataError(f"split {shards.split!r} has {len(shards)} tokens: at least 2 are needed to score")
+    plan = window_plan(len(shards), window, stride)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = plan[rank::world]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed nats, scored tokens
+    batches = range(0, len(mine), batch_size)
+    for start in tqdm(batches, desc=f"eval {shards.split}", unit="batch", disable=not progress):
+        inputs, targets = _batch(shards, mine[start:start + batch_size], device)
+        logits, _ = model(inputs)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                               reduction="sum")
+        totals[0] += nats.double()
+        totals[1] += (targets >= 0).sum()
+    model.train(was_training)
+    if world > 1:
+        dist.all_reduce(totals)
+    return totals[0].item(), int(totals[1].item())
+
+
+def split_metrics(split: str, total_nats: float, scored_tokens: int, num_bytes: int,
+                  num_words: int) -> dict[str, float | int]:
+    """The four comparable numbers of one split, keyed `<split>_loss`, `_ppl`, `_bpb`, `_word_ppl`."""
+    loss = total_nats / scored_tokens
+    return {
+        f"{split}_loss": loss,
+        f"{split}_ppl": math.exp(loss),
+        f"{split}_bpb": total_nats / (math.log(2) * num_bytes),
+        f"{split}_word_ppl": math.exp(total_nats / num_words),
+        f"{split}_tokens": scored_tokens,
+    }
+
+
+def evaluate_splits(model: torch.nn.Module, shards_dir: str | os.PathLike, splits: list[str], *,
+                    stride: int = 0, batch_size: int = 8, progress: bool = False) -> dict[str, float | int]:
+    """Flat metrics (`valid_loss`, `valid_ppl`, ..., `valid_tokens`, `test_loss`, ...) for each split."""
+    meta = read_meta(shards_dir)
+    metrics: dict[str, float | int] = {}
+    for split in splits:
+        if split not in meta["splits"]:
+            raise DataError(f"{Path(shards_dir) / 'meta.json'}: no split {split!r} (has "
+                            f"{', '.join(meta['splits'])}); fix eval.splits or re-run the encode stage")
+        shards = TokenShards(shards_dir, split)
+        nats, scored = evaluate_split(model, shards, window=model.config.max_seq_length, stride=stride,
+                                      batch_size=batch_size, progress=progress)
+        metrics.update(split_metrics(split, nats, scored, shards.num_bytes, shards.num_words))
+    return metrics
+
+
+def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateConfig,
+                   checkpoint_step: Any = None) -> str:
+    """`settings.num_samples` seeded continuations of `settings.prompt`, headed by the settings used."""
+    device = next(model.parameters()).device
+    top_k, top_p = sampling_options(settings.top_k, settings.top_p)
+    prompt_ids = tokenizer.encode(settings.prompt)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    rows = generate(model, token_tensor(prompt_ids, settings.num_samples, device), settings.max_length,
+                    temperature=settings.temperature, top_k=top_k, top_p=top_p, generator=generator,
+                    eot_id=tokenizer.eot_id)
+    header = [f"prompt: {settings.prompt!r}", f"max_length: {settings.max_length}",
+              f"temperature: {settings.temperature}", f"top_k: {settings.top_k}", f"top_p: {settings.top_p}",
+              f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}", ""]
+    body = []
+    for number, row in enumerate(rows.tolist(), start=1):
+        text = decode_continuation(tokenizer, row[len(prompt_ids):], tokenizer.eot_id)
+        body += [f"=== sample {number} ===", settings.prompt + text, ""]
+    return "\n".join(header + body)

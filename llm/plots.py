@@ -1,0 +1,69 @@
+"""Matplotlib figures of the training logs (Agg canvas, no display or global pyplot state needed)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from llm.errors import DataError
+from llm.io import atomic_path
+
+
+def read_log(path: str | os.PathLike, columns: tuple[str, ...]) -> dict[str, list[float]]:
+    """The named numeric columns of a tab-separated log with a header row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: training log not found; run the train stage first (`dvc repro train`)")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: no column {', '.join(missing)} (header: {reader.fieldnames}); "
+                            "re-run the train stage")
+        try:
+            rows = [{c: float(row[c]) for c in columns} for row in reader]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: not a numeric log ({exc}); re-run the train stage") from None
+    return {c: [row[c] for row in rows] for c in columns}
+
+
+def run_title(payload: dict[str, Any], tokenizer_type: str) -> str:
+    """A title naming the run's key settings: tokenizer, width, depth, heads, learning rate."""
+    config = payload.get("model_config", {})
+    params = payload.get("params") or {}
+    train = params.get("train", params) if isinstance(params, dict) else {}
+    lr = train.get("learning_rate", "?") if isinstance(train, dict) else "?"
+    return (f"{tokenizer_type} tokenizer, vocab {config.get('vocab_size', '?')} | d_model "
+            f"{config.get('d_model', '?')}, {config.get('num_layers', '?')} layers, "
+            f"{config.get('num_heads', '?')} heads | lr {lr}")
+
+
+def plot_loss(train_log: str | os.PathLike, val_log: str | os.PathLike, out_path: str | os.PathLike,
+              title: str) -> None:
+    """Train and validation loss against step, learning rate on a second axis; written atomically."""
+    train = read_log(train_log, ("step", "train_loss", "lr"))
+    if not train["step"]:
+        raise DataError(f"{train_log}: no rows; run the train stage first (`dvc repro train`)")
+    val = read_log(val_log, ("step", "val_loss"))
+    figure = Figure(figsize=(9, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axis = figure.add_subplot()
+    loss_axis.plot(train["step"], train["train_loss"], label="train loss", color="tab:blue", linewidth=1)
+    loss_axis.plot(val["step"], val["val_loss"], label="validation loss", color="tab:orange", marker="o",
+                   markersize=3)
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss (nats/token)")
+    loss_axis.grid(alpha=0.3)
+    lr_axis = loss_axis.twinx()
+    lr_axis.plot(train["step"], train["lr"], label="learning rate", color="tab:green", alpha=0.5)
+    lr_axis.set_ylabel("learning rate")
+    lines = loss_axis.get_lines() + lr_axis.get_lines()
+    loss_axis.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    figure.suptitle(title, fontsize=10)
+    with atomic_path(out_path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)

@@ -1,0 +1,44 @@
+"""evaluate stage: held-out metrics (metrics/eval.json), loss plot (plots/loss.png), samples (reports/)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm.checkpoint import load_model_file
+from llm.config import load_params
+from llm.evaluate import evaluate_splits, samples_report
+from llm.generate import check_tokenizer_matches
+from llm.hardware import autocast, resolve_device, resolve_precision
+from llm.io import write_json_atomic, write_text_atomic
+from llm.plots import plot_loss, run_title
+from llm.shards import read_meta
+from llm.stage import run_stage
+from llm.tokenizers import load_tokenizer
+
+MODEL, TOKENIZER, SHARDS = Path("models/model.pt"), Path("data/tokenizer.json"), Path("data/shards")
+TRAIN_LOG, VAL_LOG = Path("metrics/train_log.tsv"), Path("metrics/val_log.tsv")
+
+
+def main() -> None:
+    params = load_params()
+    device = resolve_device(params.runtime.device)
+    precision = resolve_precision(params.runtime.precision, device)
+    model, payload = load_model_file(MODEL, device)
+    shards_meta = read_meta(SHARDS)
+    check_tokenizer_matches(TOKENIZER, payload, MODEL)
+    check_tokenizer_matches(TOKENIZER, shards_meta, SHARDS / "meta.json")
+    tokenizer = load_tokenizer(TOKENIZER)
+    with autocast(precision, device):
+        metrics = evaluate_splits(model, SHARDS, params.eval.splits, stride=params.eval.stride,
+                                  batch_size=params.eval.batch_size, progress=params.runtime.progress)
+        samples = samples_report(model, tokenizer, params.generate, payload.get("step"))
+    write_json_atomic("metrics/eval.json", metrics)
+    title = run_title(payload, shards_meta.get("tokenizer_type") or type(tokenizer).__name__)
+    plot_loss(TRAIN_LOG, VAL_LOG, "plots/loss.png", title)
+    write_text_atomic("reports/samples.txt", samples)
+    print(", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)

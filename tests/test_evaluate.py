@@ -1,0 +1,228 @@
+"""Evaluation: metric arithmetic, exact-once scoring of sliding windows, and the evaluate stage end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from llm.checkpoint import load_model_file, save_model_file
+from llm.config import GenerateConfig, ModelConfig
+from llm.errors import DataError
+from llm.evaluate import evaluate_split, evaluate_splits, samples_report, window_plan
+from llm.io import sha256_file
+from llm.model import GPT
+from llm.shards import TokenShards, encode_corpus
+from llm.tokenizers import BPETokenizer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"d_model": 32, "num_heads": 2, "num_layers": 2, "d_ff": 64, "max_seq_length": 32,
+              "dropout": 0.0}
+
+
+class UniformModel(torch.nn.Module):
+    """Zero logits: every token has probability 1/V, so the loss is exactly ln V per token."""
+
+    def __init__(self, vocab_size: int, context: int):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, max_seq_length=context)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        return torch.zeros(*idx.shape, self.config.vocab_size) + self.anchor, None
+
+
+def write_byte_shards(folder: Path, splits: dict[str, str]) -> Path:
+    """Shards whose tokens are the UTF-8 bytes of each text (vocab 256), in llm.shards' format."""
+    meta = {"format_version": 1, "tokenizer_sha256": "0" * 64, "vocab_size": 256, "eot_id": None,
+            "dtype": "uint16", "splits": {}}
+    for split, text in splits.items():
+        raw = text.encode("utf-8")
+        (folder / split).mkdir(parents=True)
+        halves = np.array_split(np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), 2)
+        names = [f"{split}/{i}.npy" for i in range(2)]
+        for name, half in zip(names, halves):
+            np.save(folder / name, half)
+        meta["splits"][split] = {"num_tokens": len(raw), "num_bytes": len(raw),
+                                 "num_words": len(text.split()) + text.count("\n"),
+                                 "num_lines": text.count("\n"), "shards": names}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def byte_shards(tmp_path_factory: pytest.TempPathFactory, wikitext_valid: Path) -> Path:
+    text = wikitext_valid.read_text(encoding="utf-8")
+    splits = {"valid": text[:3000], "test": text[3000:3500]}
+    return write_byte_shards(tmp_path_factory.mktemp("shards"), splits)
+
+
+def test_uniform_model_metrics_match_hand_computation(byte_shards: Path) -> None:
+    vocab = 256
+    metrics = evaluate_splits(UniformModel(vocab, 64), byte_shards, ["valid", "test"], batch_size=3)
+    for split in ("valid", "test"):
+        info = json.loads((byte_shards / "meta.json").read_text())["splits"][split]
+        scored = info["num_tokens"] - 1
+        assert metrics[f"{split}_tokens"] == scored
+        assert metrics[f"{split}_loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+        assert metrics[f"{split}_ppl"] == pytest.approx(vocab, rel=1e-5)
+        total_nats = scored * math.log(vocab)
+        bpb = total_nats / (math.log(2) * info["num_bytes"])
+        word_ppl = math.exp(total_nats / info["num_words"])
+        assert metrics[f"{split}_bpb"] == pytest.approx(bpb, rel=1e-6)
+        assert metrics[f"{split}_word_ppl"] == pytest.approx(word_ppl, rel=1e-5)
+
+
+@pytest.mark.parametrize(("num_tokens", "window", "stride"),
+                         [(2, 4, 0), (9, 4, 0), (10, 4, 4), (50, 8, 3), (50, 8, 1), (51, 8, 7), (7, 16, 5)])
+def test_window_plan_scores_every_target_once_with_enough_context(num_tokens: int, window: int,
+                                                                   stride: int) -> None:
+    counts = np.zeros(num_tokens, dtype=int)
+    for index, (begin, length, skip) in enumerate(window_plan(num_tokens, window, stride)):
+        assert 1 <= length <= window and 0 <= skip < length
+        targets = np.arange(begin + 1, begin + length + 1)[skip:]
+        counts[targets] += 1
+        if index > 0:  # later windows give every scored token at least window - stride tokens of context
+            assert targets[0] - begin >= window - (stride or window)
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+
+
+def test_window_plan_rejects_a_stride_beyond_the_window() -> None:
+    with pytest.raises(DataError, match="eval.stride"):
+        window_plan(100, 8, 9)
+
+
+def tiny_gpt(vocab_size: int = 256, context: int = 8) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=vocab_size, d_model=32, num_heads=2, num_layers=2, d_ff=64,
+                           max_seq_length=context, dropout=0.0)).eval()
+
+
+def test_stride_equal_to_window_is_non_overlapping_and_batching_does_not_matter(byte_shards: Path) -> None:
+    model, shards = tiny_gpt(), TokenShards(byte_shards, "test")
+    plain = evaluate_split(model, shards, window=8, batch_size=4)
+    assert evaluate_split(model, shards, window=8, stride=8, batch_size=4) == plain
+    assert evaluate_split(model, shards, window=8, batch_size=4) == plain  # deterministic
+    one_by_one = evaluate_split(model, shards, window=8, batch_size=1)
+    assert one_by_one[1] == plain[1] == len(shards) - 1
+    assert one_by_one[0] == pytest.approx(plain[0], rel=1e-5)
+
+
+def test_stride_one_scores_each_token_with_its_full_context(tmp_path: Path, wikitext_valid: Path) -> None:
+    model = tiny_gpt()
+    text = wikitext_valid.read_text(encoding="utf-8")[:60]
+    shards = TokenShards(write_byte_shards(tmp_path, {"test": text}), "test")
+    tokens = torch.from_numpy(shards.read(0, len(shards)))
+    expected = 0.0
+    with torch.no_grad():
+        for target in range(1, len(tokens)):
+            logits, _ = model(tokens[max(0, target - 8):target][None])
+            expected -= torch.log_softmax(logits[0, -1], dim=-1)[tokens[target]].item()
+    nats, scored = evaluate_split(model, shards, window=8, stride=1, batch_size=5)
+    assert scored == len(tokens) - 1
+    assert nats == pytest.approx(expected, rel=1e-5)
+    non_overlapping, _ = evaluate_split(model, shards, window=8)
+    assert nats != pytest.approx(non_overlapping, rel=1e-4)  # the context really differs
+
+
+def test_missing_split_is_a_clear_error(byte_shards: Path) -> None:
+    with pytest.raises(DataError, match="no split 'train'"):
+        evaluate_splits(UniformModel(256, 8), byte_shards, ["train"])
+
+
+# --- the evaluate stage, end to end, on a tiny trained model -------------------------------------------
+
+def make_eval_project(root: Path, text: str, steps: int = 30) -> Path:
+    """A project folder with params.yaml, a BPE tokenizer, shards, a briefly trained models/model.pt
+    and training logs: everything the evaluate stage and `llm generate` read."""
+    raw = root / "data" / "raw"
+    raw.mkdir(parents=True)
+    parts = {"train": text[:20000], "valid": text[20000:24000], "test": text[24000:27000]}
+    for split, part in parts.items():
+        (raw / f"{split}.txt").write_text(part, encoding="utf-8")
+    tokenizer_path = root / "data" / "tokenizer.json"
+    BPETokenizer.train(parts["train"], vocab_size=300, num_workers=1).save(tokenizer_path)
+    encode_corpus(raw, tokenizer_path, root / "data" / "shards", shard_tokens=1024, num_workers=1)
+    config = ModelConfig(vocab_size=300, **TINY_MODEL)
+    torch.manual_seed(0)
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = TokenShards(root / "data" / "shards", "train")
+    starts = np.random.default_rng(0).integers(0, len(train) - 33, size=(steps, 8))
+    for batch in starts:
+        windows = torch.from_numpy(np.stack([train.read(int(s), 33) for s in batch]))
+        _, loss = model(windows[:, :-1], windows[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_model_file(root / "models" / "model.pt", model, config, sha256_file(tokenizer_path),
+                    {"step": steps, "metrics": {"val_loss": 4.0},
+                     "params": {"model": TINY_MODEL, "train": {"learning_rate": 3e-3}}})
+    (root / "metrics").mkdir()
+    rows = "".join(f"{s}\t{6 - s / 10}\t0.003\t1000\n" for s in range(1, 31))
+    (root / "metrics" / "train_log.tsv").write_text("step\ttrain_loss\tlr\ttokens_per_sec\n" + rows)
+    (root / "metrics" / "val_log.tsv").write_text("step\tval_loss\tval_bpb\n10\t5.5\t3.1\n30\t4.0\t2.5\n")
+    params = {"model": TINY_MODEL, "eval": {"batch_size": 4, "stride": 16},
+              "generate": {"prompt": "ROMEO:", "max_length": 20, "num_samples": 2, "temperature": 0.8},
+              "runtime": {"device": "cpu", "precision": "fp32", "progress": False}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_project(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
+    return make_eval_project(tmp_path_factory.mktemp("project"), shakespeare.read_text(encoding="utf-8"))
+
+
+def run_stage_script(project: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py")], cwd=project,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_evaluate_stage_writes_metrics_plot_and_samples(eval_project: Path) -> None:
+    done = run_stage_script(eval_project)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((eval_project / "metrics" / "eval.json").read_text())
+    for split in ("valid", "test"):
+        assert set(metrics) >= {f"{split}_{key}" for key in ("loss", "ppl", "bpb", "word_ppl", "tokens")}
+        assert 0 < metrics[f"{split}_loss"] < math.log(300)  # trained: better than uniform
+        assert metrics[f"{split}_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]))
+    assert (eval_project / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (eval_project / "reports" / "samples.txt").read_text(encoding="utf-8")
+    for setting in ("prompt: 'ROMEO:'", "max_length: 20", "temperature: 0.8", "top_k: 0", "top_p: 1.0",
+                    "seed: 1337", "checkpoint step: 30"):
+        assert setting in samples
+    assert samples.count("=== sample") == 2 and samples.count("\nROMEO:") == 2
+    # Deterministic: the same model and data give the same samples (metrics: see the batching test).
+    model, payload = load_model_file(eval_project / "models" / "model.pt")
+    tokenizer = load_tokenizer(eval_project / "data" / "tokenizer.json")
+    settings = GenerateConfig(prompt="ROMEO:", max_length=20, num_samples=2, temperature=0.8)
+    assert samples_report(model, tokenizer, settings, 30) == samples
+    assert samples_report(model, tokenizer, settings, 30) == samples
+
+
+def test_evaluate_stage_refuses_a_tokenizer_that_does_not_match(tmp_path: Path, eval_project: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(eval_project, project)
+    (project / "metrics" / "eval.json").unlink(missing_ok=True)  # the other test may have written one
+    tokenizer = project / "data" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(ROOT / "stages" / "evaluate.py"), run_name="__main__")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.json" in err and "does not match" in err
+    assert not (project / "metrics" / "eval.json").exists()
