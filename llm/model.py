@@ -1,0 +1,369 @@
+"""The GPT: token embedding, positions, pre-norm causal self-attention blocks, final norm, output layer.
+
+One readable file in the spirit of nanoGPT's model.py (Karpathy), with the knobs of
+`ModelConfig`: position (learned | sinusoidal | rope), norm (layernorm | rmsnorm),
+activation (gelu | swiglu | relu2), tie_weights and bias. Attention runs through
+`torch.nn.functional.scaled_dot_product_attention`; a `KVCache` makes generation
+process only the new tokens while giving the same logits as a full forward.
+
+Shapes: B batch, T new tokens, S cached + new tokens, H heads, D head size, C = d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.config import ModelConfig
+from llm.errors import ConfigError
+
+INIT_STD = 0.02  # GPT-2's init scale for every weight matrix
+
+
+def swiglu_hidden(d_ff: int) -> int:
+    """SwiGLU width 2/3 * d_ff (rounded up to a multiple of 8): three matrices cost what GELU's two do."""
+    return max(8, (2 * d_ff // 3 + 7) // 8 * 8)
+
+
+def check_config(config: ModelConfig) -> None:
+    """Reject shapes the model cannot build, naming the model.* key (a ModelConfig may bypass load_params)."""
+    if config.d_model % config.num_heads:
+        raise ConfigError(f"model.num_heads = {config.num_heads}: must divide model.d_model "
+                          f"({config.d_model})")
+    if config.position == "rope" and (config.d_model // config.num_heads) % 2:
+        raise ConfigError(f"model.position = 'rope': needs an even head size, got d_model/num_heads = "
+                          f"{config.d_model // config.num_heads}; change num_heads or use position: learned")
+    for key, allowed in (("position", ("learned", "sinusoidal", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                         ("activation", ("gelu", "swiglu", "relu2"))):
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"model.{key} = {getattr(config, key)!r}: must be one of {', '.join(allowed)}")
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0..length-1, preallocated up to max_len."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, num_heads, max_len, head_size)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def reset(self) -> None:
+        """Forget all cached positions (the buffers are reused)."""
+        self.length = 0
+
+    def check_room(self, batch_size: int, new_tokens: int) -> None:
+        """Raise if a forward of `new_tokens` would not fit: the caller must crop or reset first."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"KV cache was made for batch size {self.batch_size}, got a batch of "
+                             f"{batch_size}; make a new cache with model.new_kv_cache")
+        if self.length + new_tokens > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length} cached + {new_tokens} new tokens > max_len "
+                             f"{self.max_len}; crop the context to the last max_seq_length tokens and reset")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) at positions length..length+T-1; return all keys/values (B, H, S, D)."""
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with ATen's fused forward and a hand-written backward: autograd through the composite
+    op costs ~5x a LayerNorm on CPU, this ~3x (torch has no fused RMSNorm backward on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)  # rstd (..., 1)
+        ctx.save_for_backward(x, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, rstd, weight = ctx.saved_tensors
+        x_hat = x * rstd
+        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
+        grad_x_hat = grad * weight
+        dot = torch.linalg.vecdot(grad_x_hat, x_hat).unsqueeze(-1).div_(x.shape[-1])
+        return torch.addcmul(grad_x_hat, x_hat, dot, value=-1).mul_(rstd), grad_weight, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters and state dict), with the faster fused path on CPU in fp32/bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (no mean, no bias); bias follows config.bias for LayerNorm."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, eps=1e-5)
+    return nn.LayerNorm(config.d_model, eps=1e-5, bias=config.bias)
+
+
+class _ReLU2Function(torch.autograd.Function):
+    """relu(x)^2 keeping only relu(x) for backward (d/dx = 2 relu(x)): fewer passes than autograd's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return grad * (r + r)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017) sin/cos table (length, dim), scaled to the token embeddings' init RMS (0.02)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)[:, : dim // 2]
+    return table * (INIT_STD * math.sqrt(2.0))  # sin/cos have RMS 1/sqrt(2)
+
+
+def rope_tables(length: int, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for rotary embeddings (Su et al. 2021, RoFormer), half-split layout."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, D/2)
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]  # (length, 1, D/2): broadcast over heads
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1 cos - x2 sin, x2 cos + x1 sin) for the halves x1, x2 of the last dim, into a new tensor."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out
+
+
+class _RoPEFunction(torch.autograd.Function):
+    """Rotary embedding whose backward is the inverse rotation: nothing saved but the cos/sin tables."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Plain-autograd rotation: what torch.compile fuses best on GPUs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., i], x[..., i + D/2]) by the angles of their positions; cos/sin broadcast to x."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return _RoPEFunction.apply(x, cos, sin) if x.device.type == "cpu" else rotate_reference(x, cos, sin)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused QKV projection and SDPA."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.head_size = config.num_heads, config.d_model // config.num_heads
+        self.layer = layer  # index of this layer's slot in a KVCache
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.proj.residual_projection = True  # scaled init, see GPT._init_weights
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_size)  # (B, T, 3, H, D)
+        q, k, v = qkv.unbind(dim=2)  # each (B, T, H, D), strided views: no copy
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        mask, causal = None, True
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.update(self.layer, k, v)  # (B, H, S, D), S = past + T
+            if past > 0:  # query i sits at position past + i and sees keys 0..past + i
+                causal = False
+                if T > 1:
+                    key_pos = torch.arange(past + T, device=x.device)
+                    mask = key_pos[None, :] <= (key_pos[past:, None])  # (T, S), True = attend
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: d_model -> d_ff -> d_model with GELU (tanh, as GPT-2), ReLU^2 or SwiGLU.
+
+    SwiGLU has three matrices, so its hidden width is swiglu_hidden(d_ff) ~ 2/3 d_ff to keep the
+    parameter count and FLOPs of the two-matrix variants (Shazeer 2020, as in LLaMA).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.activation = config.activation
+        hidden = swiglu_hidden(config.d_ff) if self.activation == "swiglu" else config.d_ff
+        widen = 2 * hidden if self.activation == "swiglu" else hidden  # swiglu: gate and value in one matmul
+        self.up = nn.Linear(config.d_model, widen, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.down.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.activation == "relu2":  # So et al. 2021 (Primer): relu(x)^2; CPU: fewer memory passes
+            h = _ReLU2Function.apply(h) if h.device.type == "cpu" else torch.relu(h).square()
+        elif self.activation == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1, self.attn = make_norm(config), CausalSelfAttention(config, layer)
+        self.norm2, self.mlp = make_norm(config), FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, kv_cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model; forward(idx, targets) -> (logits, mean CE loss or None)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        if config.position == "learned":
+            self.position_embedding = nn.Embedding(config.max_seq_length, config.d_model)
+        elif config.position == "sinusoidal":
+            self.register_buffer("position_table", sinusoidal_table(config.max_seq_length, config.d_model),
+                                 persistent=False)
+        else:
+            cos, sin = rope_tables(config.max_seq_length, config.d_model // config.num_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.token_embedding.weight  # one matrix: embedding and output layer
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init (Radford et al. 2019, sec. 2.3; as in nanoGPT): N(0, 0.02), zero biases, and the
+        projections that write into the residual stream scaled by 1/sqrt(2 * num_layers)."""
+        if isinstance(module, nn.Linear):
+            std = INIT_STD / math.sqrt(2 * self.config.num_layers) if hasattr(module, "residual_projection") \
+                else INIT_STD
+            nn.init.normal_(module.weight, mean=0.0, std=std)  # a tied lm_head redraws the same N(0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters; non_embedding drops lookup tables (position, untied token embedding) but
+        keeps the output layer, a real matmul (as nanoGPT counts a tied wte)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.config.position == "learned":
+                total -= self.position_embedding.weight.numel()
+            if not self.config.tie_weights:
+                total -= self.token_embedding.weight.numel()
+        return total
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 N + 12 L C T (Kaplan et al. 2020; PaLM app. B)."""
+        c = self.config
+        return 6.0 * self.num_params(non_embedding=True) + 12.0 * c.num_layers * c.d_model * c.max_seq_length
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on matrices (>= 2-D: linear weights, embeddings), none on biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+                     ) -> KVCache:
+        """An empty KVCache on the model's device and dtype, for up to max_len (default max_seq_length)."""
+        c, weight = self.config, self.lm_head.weight
+        max_len = c.max_seq_length if max_len is None else max_len
+        if not 1 <= max_len <= c.max_seq_length:
+            raise ValueError(f"KV cache max_len {max_len} must be in 1..max_seq_length ({c.max_seq_length})")
+        return KVCache(c.num_layers, batch_size, c.num_heads, max_len, c.d_model // c.num_heads,
+                       weight.device, dtype or weight.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for token ids idx (B, T); loss = mean cross-entropy (nats) over targets != -1.
+
+        With kv_cache, idx holds positions cache.length .. cache.length + T - 1: their keys/values are
+        appended and cache.length advances by T.
+        """
+        B, T = idx.shape
+        start = 0
+        if kv_cache is not None:
+            kv_cache.check_room(B, T)
+            start = kv_cache.length
+        if start + T > self.config.max_seq_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_length "
+                             f"({self.config.max_seq_length}); crop the input to the last "
+                             f"{self.config.max_seq_length} tokens")
+        x = self.token_embedding(idx)  # (B, T, C)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.position_embedding.weight[start:start + T]
+        elif self.config.position == "sinusoidal":
+            x = x + self.position_table[start:start + T]
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, 1, D/2) each
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        logits = self.lm_head(self.final_norm(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return logits, loss
+
+
+def make_optimizer(model: GPT, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: torch.device | str) -> torch.optim.AdamW:
+    """AdamW over model.optimizer_groups, fused (one kernel for all params) on CUDA and CPU."""
+    device = torch.device(device)
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(model.optimizer_groups(weight_decay), lr=lr, betas=betas, fused=fused)

@@ -1,0 +1,100 @@
+"""Device and precision resolution, autocast, the peak-FLOPs table and MFU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from llm import hardware
+from llm.errors import ConfigError
+from llm.hardware import autocast, mfu, peak_flops, peak_flops_for_name, resolve_device, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+def test_resolve_device_cpu_and_auto():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
+
+
+def test_resolve_device_auto_without_gpu_is_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == CPU
+    with pytest.raises(ConfigError, match="runtime.device = 'cuda'"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="runtime.device = 'mps'"):
+        resolve_device("mps")
+    with pytest.raises(ConfigError, match="must be one of"):
+        resolve_device("tpu")
+
+
+def test_resolve_device_under_torchrun_uses_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+
+
+def test_resolve_precision_on_cpu():
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("fp32", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ConfigError, match="must be one of"):
+        resolve_precision("int8", CPU)
+
+
+@pytest.mark.parametrize("bf16_ok,expected", [(True, "bf16"), (False, "fp16")])
+def test_resolve_precision_auto_on_cuda(monkeypatch, bf16_ok, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+
+
+def test_autocast_bf16_on_cpu_and_fp32_noop():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast("bf16", CPU):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast("fp32", CPU):
+        assert (a @ b).dtype == torch.float32
+    assert isinstance(autocast("fp32", CPU), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("name,precision,expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+    ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA H200", "bf16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+    ("NVIDIA A100-PCIE-40GB", "fp16", 312e12),
+    ("NVIDIA A100-SXM4-40GB", "fp32", 19.5e12),
+    ("NVIDIA A10", "bf16", 125e12),  # not mistaken for an A100
+    ("NVIDIA A10G", "bf16", 70e12),
+    ("NVIDIA L4", "bf16", 121e12),
+    ("NVIDIA L40S", "bf16", 362e12),
+    ("Tesla V100-SXM2-16GB", "fp16", 125e12),
+    ("Tesla V100-SXM2-16GB", "bf16", None),  # no bf16 on Volta
+    ("NVIDIA GeForce RTX 4090", "bf16", 165.2e12),
+    ("NVIDIA GeForce RTX 3090", "fp32", 35.6e12),
+    ("Some Future GPU", "bf16", None),
+])
+def test_peak_flops_table_lookup_by_name(name, precision, expected):
+    assert peak_flops_for_name(name, precision) == expected
+
+
+def test_peak_flops_tf32_for_fp32_matmuls():
+    assert peak_flops_for_name("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156e12
+    assert peak_flops_for_name("Tesla V100-SXM2-16GB", "fp32", tf32=True) == 15.7e12  # no TF32: plain fp32
+
+
+def test_peak_flops_and_mfu_on_cpu_are_none():
+    assert peak_flops(CPU, "fp32") is None
+    assert mfu(1000.0, 1e9, CPU, "fp32") is None
+
+
+def test_mfu_math(monkeypatch):
+    monkeypatch.setattr(hardware, "peak_flops", lambda device, precision: 100e12)
+    # 50k tokens/s * 6e8 FLOPs/token = 3e13 FLOP/s = 30% of 1e14
+    assert mfu(50_000.0, 6e8, torch.device("cuda"), "bf16") == pytest.approx(0.30)

@@ -1,0 +1,231 @@
+"""The GPT: shapes, loss, causality, KV cache, weight tying, init, optimizer groups, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from llm.config import ModelConfig
+from llm.errors import ConfigError
+from llm.model import GPT, RMSNorm, apply_rope, make_optimizer, rope_tables, rotate_reference, swiglu_hidden
+
+POSITIONS = ("learned", "sinusoidal", "rope")
+VARIANTS = [(p, n, a) for p in POSITIONS for n, a in (("rmsnorm", "relu2"), ("layernorm", "gelu"))] + [
+    ("rope", "rmsnorm", "swiglu")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (no OpenMP barriers on a busy machine); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides) -> ModelConfig:
+    """A small config that runs in milliseconds."""
+    base = dict(vocab_size=97, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_seq_length=24, dropout=0.0)
+    return ModelConfig(**{**base, **overrides})
+
+
+def make_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(**overrides)).eval()
+
+
+def test_shapes_and_loss_none_without_targets():
+    model = make_model()
+    idx = torch.randint(0, 97, (3, 24))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 24, 97) and loss is None
+    logits, loss = model(idx[:, :5], idx[:, 1:6])
+    assert logits.shape == (3, 5, 97) and loss.shape == ()
+
+
+def test_untrained_loss_is_near_ln_vocab():
+    model = make_model(vocab_size=1000)
+    idx = torch.randint(0, 1000, (4, 24))
+    _, loss = model(idx, torch.randint(0, 1000, (4, 24)))
+    assert abs(loss.item() - math.log(1000)) < 0.1
+
+
+def test_loss_ignores_minus_one_targets():
+    model = make_model()
+    idx = torch.randint(0, 97, (2, 10))
+    targets = torch.randint(0, 97, (2, 10))
+    logits, _ = model(idx)
+    targets[0, 3:] = -1
+    _, loss = model(idx, targets)
+    keep = targets != -1
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # the ignored positions really were left out of the mean
+    all_kept = torch.nn.functional.cross_entropy(logits.view(-1, 97), targets.clamp(min=0).view(-1))
+    assert not torch.allclose(loss, all_kept)
+
+
+@pytest.mark.parametrize("position,norm,activation", VARIANTS)
+def test_causality(position, norm, activation):
+    model = make_model(position=position, norm=norm, activation=activation)
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 97
+    before, _ = model(idx)
+    after, _ = model(changed)
+    assert torch.allclose(before[:, :12], after[:, :12], atol=1e-6)
+    assert not torch.allclose(before[:, 12:], after[:, 12:], atol=1e-4)
+
+
+@pytest.mark.parametrize("position,norm,activation", VARIANTS)
+def test_kv_cache_matches_full_forward(position, norm, activation):
+    model = make_model(position=position, norm=norm, activation=activation)
+    idx = torch.randint(0, 97, (2, 24))
+    full, _ = model(idx)
+    cache = model.new_kv_cache(batch_size=2)
+    pieces = [model(idx[:, :7], kv_cache=cache)[0], model(idx[:, 7:11], kv_cache=cache)[0]]  # prefill + chunk
+    pieces += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(11, 24)]
+    assert cache.length == 24
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.length == 0
+    torch.testing.assert_close(model(idx[:, :3], kv_cache=cache)[0], full[:, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_overflow_and_too_long_input_raise():
+    model = make_model()
+    cache = model.new_kv_cache(batch_size=1, max_len=8)
+    model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="overflow"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_seq_length"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch size"):
+        model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_tie_weights_shares_storage_and_untied_does_not():
+    tied = make_model(tie_weights=True)
+    assert tied.lm_head.weight.data_ptr() == tied.token_embedding.weight.data_ptr()
+    untied = make_model(tie_weights=False)
+    assert untied.lm_head.weight.data_ptr() != untied.token_embedding.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == 97 * 32
+
+
+def test_bias_false_has_no_bias_params_and_true_has_them():
+    names = [n for n, _ in make_model(bias=False, norm="layernorm").named_parameters()]
+    assert not [n for n in names if n.endswith("bias")]
+    names = [n for n, _ in make_model(bias=True, norm="layernorm").named_parameters()]
+    per_block = 4 + 2  # qkv, proj, up, down, two norms
+    assert len([n for n in names if n.endswith("bias")]) == 2 * per_block + 1  # + final norm
+
+
+def test_num_params_matches_hand_count():
+    V, C, L, F, T = 97, 32, 2, 64, 24
+    model = make_model(position="learned", norm="layernorm", activation="gelu", bias=True, tie_weights=False)
+    per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * F + F) + (F * C + C) + 2 * (2 * C)
+    hand = V * C + T * C + L * per_block + 2 * C + C * V
+    assert model.num_params() == hand
+    assert model.num_params(non_embedding=True) == hand - V * C - T * C
+    default = make_model()  # rope, rmsnorm, relu2, tied, no bias
+    hand_default = V * C + L * (4 * C * C + 2 * C * F + 2 * C) + C
+    assert default.num_params() == hand_default == default.num_params(non_embedding=True)
+    assert default.flops_per_token() == 6 * hand_default + 12 * L * C * T
+
+
+def test_swiglu_keeps_param_count_comparable():
+    relu2 = make_model(activation="relu2", d_model=64, d_ff=256)
+    swiglu = make_model(activation="swiglu", d_model=64, d_ff=256)
+    assert swiglu_hidden(256) == 176
+    assert abs(swiglu.num_params() - relu2.num_params()) / relu2.num_params() < 0.05
+
+
+def test_gpt2_init_scales_residual_projections():
+    model = make_model(d_model=256, d_ff=1024, num_layers=8, num_heads=4)
+    expected = 0.02 / math.sqrt(2 * 8)
+    for block in model.blocks:
+        assert block.attn.proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+        assert block.mlp.down.weight.std().item() == pytest.approx(expected, rel=0.05)
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_optimizer_groups_cover_every_param_once():
+    model = make_model(bias=True, norm="layernorm", position="learned", tie_weights=True)
+    decay, no_decay = model.optimizer_groups(weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for p in decay["params"] + no_decay["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device="cpu")
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("position,norm,activation", VARIANTS)
+def test_training_on_a_repeated_sequence_reduces_loss(position, norm, activation):
+    model = make_model(position=position, norm=norm, activation=activation).train()
+    optimizer = make_optimizer(model, lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95), device="cpu")
+    pattern = torch.arange(25) % 7
+    idx, targets = pattern[:-1].repeat(4, 1), pattern[1:].repeat(4, 1)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_dropout_is_active_in_train_mode_only():
+    model = make_model(dropout=0.5)
+    idx = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(model(idx)[0], model(idx)[0])
+    model.train()
+    assert not torch.allclose(model(idx)[0], model(idx)[0])
+
+
+def test_bf16_autocast_forward_runs_and_stays_close():
+    model = make_model()
+    idx = torch.randint(0, 97, (2, 16))
+    _, loss32 = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss16 = model(idx, idx)
+    assert loss16.dtype == torch.float32
+    assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"num_heads": 5}, "model.num_heads"),
+    ({"d_model": 36, "num_heads": 4, "position": "rope"}, "model.position"),  # odd head size
+    ({"norm": "batchnorm"}, "model.norm"),
+])
+def test_bad_config_raises_config_error(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        GPT(dataclasses.replace(tiny(), **overrides))
+
+
+def test_fast_rmsnorm_matches_torch_and_its_gradients_are_exact():
+    norm = RMSNorm(16, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    reference = torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-5)
+    torch.testing.assert_close(norm(x), reference, atol=1e-5, rtol=1e-5)
+    norm64 = norm.double()
+    x64 = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm64, (x64,))
+
+
+def test_rope_and_relu2_gradients_are_exact():
+    cos, sin = rope_tables(6, 8)
+    x = torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True)  # (B, T, H, D)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))
+    rotated = apply_rope(x.detach(), cos.double(), sin.double())
+    torch.testing.assert_close(rotated, rotate_reference(x.detach(), cos.double(), sin.double()))
+    torch.testing.assert_close(rotated.norm(dim=-1), x.detach().norm(dim=-1))  # a rotation keeps lengths
+    mlp = make_model(activation="relu2").double().blocks[0].mlp
+    h = torch.randn(1, 2, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mlp, (h,))
