@@ -91,7 +91,7 @@ class ModelConfig:
     max_seq_length: int = _knob(512, low=2, doc="context length in tokens")
     dropout: float = _knob(0.1, low=0.0, high=1.0, doc="dropout probability")
     position: str = _knob("rope", choices=("learned", "sinusoidal", "rope"), doc="positional encoding")
-    norm: str = _knob("rmsnorm", choices=("layernorm", "rmsnorm"), doc="normalisation layer")
+    norm: str = _knob("layernorm", choices=("layernorm", "rmsnorm"), doc="normalisation layer")
     activation: str = _knob("relu2", choices=("gelu", "swiglu", "relu2"), doc="feed-forward activation")
     tie_weights: bool = _knob(True, doc="share token embedding and output layer weights")
     bias: bool = _knob(False, doc="bias terms in linear and norm layers")
