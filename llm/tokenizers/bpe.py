@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 from itertools import chain, repeat
 from typing import Any
 
+import numpy as np
+
 from llm.errors import TokenizerError
 from llm.tokenizers._bpe_train import count_words, learn_merges
 from llm.tokenizers.base import (
@@ -52,6 +54,7 @@ from llm.tokenizers.patterns import (
 CACHE_LIMIT = 1_000_000  # cached words / pieces before a cache is emptied (bounds memory on huge corpora)
 _NO_RANK = 1 << 62
 LONG_WORD = 256  # bytes; longer words are merged with a heap instead of rescanning (avoids O(n^2))
+BATCH_MIN = 64  # uncached words; fewer are merged one by one (numpy's per-call cost outweighs its speed)
 
 
 class _Memo(dict):
@@ -131,6 +134,69 @@ def _merge_long(data: bytes, ranks: dict[bytes, int]) -> list[int]:
     return ids
 
 
+class _PairRanks:
+    """Vectorized `ranks[bytes(a) + bytes(b)]` for arrays of token ids a, b (`none` where it is no token)."""
+
+    def __init__(self, token_bytes: list[bytes], ranks: dict[bytes, int]) -> None:
+        self.width = len(token_bytes) + 1
+        self.none = self.width - 1  # above every id; also marks word ends in _merge_batch, never in a key
+        get, keys, ids = ranks.get, [], []
+        for token_id, token in enumerate(token_bytes):
+            for cut in range(1, len(token)):  # every split counts: tiktoken merges on bytes, not on ids
+                left, right = get(token[:cut]), get(token[cut:])
+                if left is not None and right is not None:
+                    keys.append(left * self.width + right)
+                    ids.append(token_id)
+        order = np.argsort(np.array(keys, np.int64))
+        self.keys = np.array(keys, np.int64)[order]
+        self.ids = np.array(ids, np.int64)[order]
+
+    def __call__(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """Rank (id) of each pair's concatenated token, or `none`."""
+        query = left * self.width + right
+        at = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
+        return np.where(self.keys[at] == query, self.ids[at], self.none)
+
+
+def _merge_batch(words: list[bytes], pair_rank: _PairRanks) -> list[list[int]]:
+    """Ids of many words at once, same as `_merge_short` on each: one merge per word per numpy step.
+
+    All words lie in one flat array, each followed by a separator; `ranks[i]` is the rank of the pair
+    starting at i. Each step takes every word's lowest (rank, position), merges it, deletes the right
+    part and recomputes the two pairs around it; finished words are moved out.
+    """
+    none = sep = pair_rank.none
+    if not len(pair_rank.keys):
+        return [list(word) for word in words]
+    sizes = np.fromiter(map(len, words), np.int64, len(words))
+    flat = np.insert(np.frombuffer(b"".join(words), np.uint8).astype(np.int64), np.cumsum(sizes), sep)
+    ranks = np.append(pair_rank(flat[:-1], flat[1:]), none)
+    lengths, order, finished_parts = sizes + 1, np.arange(len(words)), []
+    while len(order):
+        starts, total = np.cumsum(lengths) - lengths, len(flat)
+        rank, pos = np.divmod(np.minimum.reduceat(ranks * total + np.arange(total), starts), total)
+        done = rank == none
+        if done.any():
+            drop = np.repeat(done, lengths)
+            finished_parts.append((order[done], lengths[done], flat[drop]))
+            order, lengths, flat, ranks = order[~done], lengths[~done], flat[~drop], ranks[~drop]
+            rank, pos = rank[~done], pos[~done] - starts[~done] + np.cumsum(lengths) - lengths
+        flat[pos] = rank
+        flat, ranks = np.delete(flat, pos + 1), np.delete(ranks, pos + 1)
+        lengths -= 1
+        pos -= np.arange(len(pos))  # one part was deleted in each word before
+        ranks[pos] = pair_rank(flat[pos], flat[pos + 1])
+        ranks[pos - 1] = pair_rank(flat[pos - 1], flat[pos])  # at a word's start: (separator, x) -> none
+    ids: list[list[int]] = [[] for _ in words]
+    parts = np.concatenate([p[2] for p in finished_parts]).tolist()
+    start = 0
+    for index, length in zip(np.concatenate([p[0] for p in finished_parts]).tolist(),
+                             np.concatenate([p[1] for p in finished_parts]).tolist()):
+        ids[index] = parts[start:start + length - 1]
+        start += length
+    return ids
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: ids 0-255 are bytes, then one id per learned merge, then the special tokens."""
 
@@ -162,6 +228,7 @@ class BPETokenizer(Tokenizer):
             with contextlib.suppress(UnicodeDecodeError):
                 self._words[token.decode("utf-8")] = [rank]
         self._pieces: dict[str, list[int]] = {}
+        self._pair_rank = _PairRanks(self.token_bytes, self._ranks)
 
     # ---- training ---------------------------------------------------------------------------------
     @classmethod
@@ -200,20 +267,41 @@ class BPETokenizer(Tokenizer):
             return _merge_long(data, self._ranks)
         return _merge_short(data.decode("latin-1"), self._char_ranks)
 
+    def _cache_words(self, words: set[str]) -> None:
+        """Encode uncached words into the word cache, many short ones at once with `_merge_batch`."""
+        if len(self._words) + len(words) > CACHE_LIMIT:  # words needed later fall back to _Memo
+            self._words.clear()
+        if len(words) < BATCH_MIN:
+            for word in words:
+                self._words[word] = self._encode_word(word)
+            return
+        batch, batch_data = [], []
+        for word in words:
+            data = word.encode("utf-8")
+            rank = self._ranks.get(data)
+            if rank is not None:
+                self._words[word] = [rank]
+            elif len(data) > LONG_WORD:
+                self._words[word] = _merge_long(data, self._ranks)
+            else:
+                batch.append(word)
+                batch_data.append(data)
+        if batch:
+            self._words.update(zip(batch, _merge_batch(batch_data, self._pair_rank)))
+
     def _encode_chunk(self, text: str) -> list[int]:
         """Ids of text that the pattern cuts on its own (no cached space-cut pieces)."""
-        return list(chain.from_iterable(map(self._words.__getitem__, self._findall(text))))
+        words = self._findall(text)
+        self._cache_words(set(words).difference(self._words))
+        return list(chain.from_iterable(map(self._words.__getitem__, words)))
 
     def _cache_pieces(self, pieces: Iterable[str]) -> None:
         """Encode uncached middle space-cut pieces (few regex calls, see words_of_pieces); cache ids."""
         if len(self._pieces) >= CACHE_LIMIT:
             self._pieces.clear()
-        if len(self._words) >= CACHE_LIMIT:
-            self._words.clear()
         word_ids = self._words
         for group, words, one_each in words_of_pieces(self._findall, pieces):
-            for word in set(words).difference(word_ids):
-                word_ids[word] = self._encode_word(word)
+            self._cache_words(set(words).difference(word_ids))
             if one_each:
                 self._pieces.update(zip(group, map(word_ids.__getitem__, words)))
                 continue
