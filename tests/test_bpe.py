@@ -285,3 +285,16 @@ def test_ascii_fast_regex_matches_the_unicode_pattern(text):
 
     for pattern in (GPT2_PATTERN, GPT4_PATTERN):
         assert make_splitter(pattern)(text) == regex.findall(pattern, text)
+
+
+def test_tiny_caches_and_batched_merges_keep_parity(monkeypatch, wikitext_valid, tok):
+    """Cache evictions mid-text and the numpy batch merge (forced for every word) change no id."""
+    import llm.tokenizers.bpe as bpe
+
+    text = wikitext_valid.read_text(encoding="utf-8")[:200_000]
+    expected = tiktoken_of(tok).encode_ordinary(text)
+    monkeypatch.setattr(bpe, "CACHE_LIMIT", 50)
+    monkeypatch.setattr(bpe, "BATCH_MIN", 0)
+    fresh = load_tokenizer_roundtrip(tok)
+    assert fresh.encode(text) == expected
+    assert fresh.encode(text) == expected  # second pass: warm but repeatedly evicted caches

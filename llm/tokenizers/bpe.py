@@ -51,7 +51,7 @@ from llm.tokenizers.patterns import (
     words_of_pieces,
 )
 
-CACHE_LIMIT = 1_000_000  # cached words / pieces before a cache is emptied (bounds memory on huge corpora)
+CACHE_LIMIT = 200_000  # cached words / pieces before a cache is emptied: ~50 MB each, per encode worker
 _NO_RANK = 1 << 62
 LONG_WORD = 256  # bytes; longer words are merged with a heap instead of rescanning (avoids O(n^2))
 BATCH_MIN = 64  # uncached words; fewer are merged one by one (numpy's per-call cost outweighs its speed)
@@ -297,8 +297,6 @@ class BPETokenizer(Tokenizer):
 
     def _cache_pieces(self, pieces: Iterable[str]) -> None:
         """Encode uncached middle space-cut pieces (few regex calls, see words_of_pieces); cache ids."""
-        if len(self._pieces) >= CACHE_LIMIT:
-            self._pieces.clear()
         word_ids = self._words
         for group, words, one_each in words_of_pieces(self._findall, pieces):
             self._cache_words(set(words).difference(word_ids))
@@ -331,6 +329,8 @@ class BPETokenizer(Tokenizer):
             except KeyError:  # cold pieces: encode them all at once, then take the fast path again
                 del ids[start:]
                 missing = set(middle)
+                if len(self._pieces) + len(missing) > CACHE_LIMIT:  # empty it before choosing what to add
+                    self._pieces.clear()
                 self._cache_pieces(missing.difference(self._pieces) if self._pieces else missing)
                 ids.extend(chain.from_iterable(map(self._pieces.__getitem__, middle)))
         if len(parts) > 1:
