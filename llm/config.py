@@ -229,8 +229,9 @@ def build_section(cls: type, raw: Any, *, source: str = "params.yaml", section: 
     for key, value in raw.items():
         where = f"{source}: {name}.{key}"
         if key not in known:
-            raise ConfigError(f"{where}: unknown key{_suggest(str(key), list(known))}; "
-                              f"allowed keys: {', '.join(known)}")
+            settable = [k for k in known if (section, k) not in DERIVED_KEYS]
+            raise ConfigError(f"{where}: unknown key{_suggest(str(key), settable)}; "
+                              f"allowed keys: {', '.join(settable)}")
         if (section, key) in DERIVED_KEYS:
             raise ConfigError(f"{where}: not a params.yaml key: {DERIVED_KEYS[(section, key)]}")
         value = _coerce(where, value, hints[key])

@@ -18,6 +18,8 @@ INVALID = [
      "params.yaml: modle: unknown section (did you mean 'model'?); allowed sections: data, tokenizer"),
     ("unknown key", {"train": {"learnig_rate": 0.1}},
      "params.yaml: train.learnig_rate: unknown key (did you mean 'learning_rate'?); allowed keys: batch"),
+    ("unknown model key lists only settable keys", {"model": {"positon": "rope"}},
+     "params.yaml: model.positon: unknown key (did you mean 'position'?); allowed keys: model_type, d_model"),
     ("string for int", {"model": {"d_model": "512"}},
      "params.yaml: model.d_model = '512': must be an integer"),
     ("bool for int", {"train": {"batch_size": True}},
