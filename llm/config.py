@@ -246,13 +246,7 @@ def _check_consistency(p: Params, source: str) -> None:
         raise ConfigError(f"{source}: {key} = {value!r}: {why}")
 
     m, t, d = p.model, p.train, p.data
-    if m.d_model % m.num_heads:
-        divisors = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 64]
-        fail("model.num_heads", m.num_heads, f"must divide model.d_model ({m.d_model}); "
-             f"choose one of {', '.join(map(str, divisors))}")
-    if m.position == "rope" and (m.d_model // m.num_heads) % 2:
-        fail("model.position", "rope", f"needs an even head size, got d_model/num_heads = "
-             f"{m.d_model // m.num_heads}; change num_heads or use position: learned")
+    check_model_config(m, source)
     if t.min_lr > t.learning_rate:
         fail("train.min_lr", t.min_lr, f"must be <= train.learning_rate ({t.learning_rate})")
     if t.batch_size % t.grad_accum_steps:
@@ -282,6 +276,22 @@ def _check_consistency(p: Params, source: str) -> None:
     for split in p.eval.splits:
         if split not in ("train", "valid", "test"):
             fail("eval.splits", p.eval.splits, f"{split!r} is not a split; use train, valid, test")
+
+
+def check_model_config(m: ModelConfig, source: str = "params.yaml") -> None:
+    """Rules a GPT shape must satisfy: field choices and ranges, heads dividing d_model, even RoPE head size.
+
+    Used by load_params and by GPT itself, since a ModelConfig may be built in code.
+    """
+    for spec in fields(m):
+        _check_range(f"{source}: model.{spec.name}", getattr(m, spec.name), dict(spec.metadata))
+    if m.d_model % m.num_heads:
+        divisors = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 64]
+        raise ConfigError(f"{source}: model.num_heads = {m.num_heads!r}: must divide model.d_model "
+                          f"({m.d_model}); choose one of {', '.join(map(str, divisors))}")
+    if m.position == "rope" and (m.d_model // m.num_heads) % 2:
+        raise ConfigError(f"{source}: model.position = 'rope': needs an even head size, got d_model/num_heads"
+                          f" = {m.d_model // m.num_heads}; change num_heads or use position: learned")
 
 
 def params_from_dict(raw: Any, *, source: str = "params.yaml") -> Params:

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.config import ModelConfig
-from llm.errors import ConfigError
+from llm.config import ModelConfig, check_model_config
 
 INIT_STD = 0.02  # GPT-2's init scale for every weight matrix
 
@@ -26,20 +25,6 @@ INIT_STD = 0.02  # GPT-2's init scale for every weight matrix
 def swiglu_hidden(d_ff: int) -> int:
     """SwiGLU width 2/3 * d_ff (rounded up to a multiple of 8): three matrices cost what GELU's two do."""
     return max(8, (2 * d_ff // 3 + 7) // 8 * 8)
-
-
-def check_config(config: ModelConfig) -> None:
-    """Reject shapes the model cannot build, naming the model.* key (a ModelConfig may bypass load_params)."""
-    if config.d_model % config.num_heads:
-        raise ConfigError(f"model.num_heads = {config.num_heads}: must divide model.d_model "
-                          f"({config.d_model})")
-    if config.position == "rope" and (config.d_model // config.num_heads) % 2:
-        raise ConfigError(f"model.position = 'rope': needs an even head size, got d_model/num_heads = "
-                          f"{config.d_model // config.num_heads}; change num_heads or use position: learned")
-    for key, allowed in (("position", ("learned", "sinusoidal", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                         ("activation", ("gelu", "swiglu", "relu2"))):
-        if getattr(config, key) not in allowed:
-            raise ConfigError(f"model.{key} = {getattr(config, key)!r}: must be one of {', '.join(allowed)}")
 
 
 class KVCache:
@@ -261,7 +246,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        check_config(config)
+        check_model_config(config, source="ModelConfig")
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         if config.position == "learned":
