@@ -21,7 +21,8 @@ import torch
 
 from llm.config import ModelConfig
 from llm.hardware import autocast, mfu, peak_flops, resolve_device, resolve_precision
-from llm.model import GPT, make_optimizer
+from llm.model import GPT
+from llm.optim import make_optimizer
 
 GPT2_SMALL = dict(vocab_size=50304, d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_length=1024)
 PARITY = dict(vocab_size=512, d_model=128, num_heads=4, num_layers=2, d_ff=512, max_seq_length=128)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from llm.config import ModelConfig
-from llm.model import GPT, make_optimizer
+from llm.model import GPT
+from llm.optim import make_optimizer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

@@ -24,7 +24,8 @@ import torch
 
 from llm.config import ModelConfig
 from llm.hardware import autocast, mfu, resolve_device
-from llm.model import GPT, make_optimizer
+from llm.model import GPT
+from llm.optim import make_optimizer
 
 CONFIGS = {  # name: (model shape, batch size)
     "L": (dict(vocab_size=10000, d_model=512, num_layers=6, num_heads=8, d_ff=2048, max_seq_length=256), 8),

@@ -102,15 +102,21 @@ class TrainConfig:
     """`train`: optimisation (train stage)."""
 
     batch_size: int = _knob(32, low=1, doc="sequences per optimizer step, summed over ranks")
-    learning_rate: float = _knob(3e-4, low=0.0, high=1.0, low_open=True, doc="peak learning rate")
-    min_lr: float = _knob(3e-5, low=0.0, high=1.0, doc="learning rate at the end of cosine decay")
+    optimizer: str = _knob("muon", choices=("muon", "adamw"),
+                           doc="muon: Muon on hidden matrices, AdamW on the rest; adamw: AdamW on all")
+    learning_rate: float = _knob(3e-4, low=0.0, high=1.0, low_open=True,
+                                 doc="peak learning rate (AdamW parameters)")
+    muon_lr: float = _knob(0.02, low=0.0, high=1.0, low_open=True,
+                           doc="peak learning rate of the hidden matrices (optimizer: muon)")
+    min_lr: float = _knob(3e-5, low=0.0, high=1.0,
+                          doc="learning rate at the end of cosine decay (muon_lr falls in proportion)")
     warmup_steps: int = _knob(100, low=0, doc="linear warmup steps")
     max_epochs: int = _knob(10, low=1, doc="passes over all training windows")
     max_steps: int = _knob(0, low=0, doc="stop after this many optimizer steps (0: run all epochs)")
     grad_accum_steps: int = _knob(1, low=1, doc="micro-batches per optimizer step")
     grad_clip: float = _knob(1.0, low=0.0, doc="max gradient norm (0: no clipping)")
-    weight_decay: float = _knob(0.1, low=0.0, doc="AdamW weight decay on matrices")
-    beta1: float = _knob(0.9, low=0.0, high=1.0, doc="AdamW beta1")
+    weight_decay: float = _knob(0.1, low=0.0, doc="decoupled weight decay on matrices (AdamW and Muon)")
+    beta1: float = _knob(0.9, low=0.0, high=1.0, doc="AdamW beta1 (Muon's momentum is 0.95)")
     beta2: float = _knob(0.95, low=0.0, high=1.0, doc="AdamW beta2")
     eval_interval: int = _knob(500, low=1, doc="evaluate on validation every N steps")
     eval_batches: int = _knob(0, low=0, doc="validation batches per evaluation (0: whole split)")

@@ -294,11 +294,30 @@ class GPT(nn.Module):
         c = self.config
         return 6.0 * self.num_params(non_embedding=True) + 12.0 * c.num_layers * c.d_model * c.max_seq_length
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on matrices (>= 2-D: linear weights, embeddings), none on biases and norms."""
+    def hidden_matrices(self) -> dict[nn.Parameter, int]:
+        """The 2-D weights inside the blocks (what Muon optimizes), each with the number of matrices it
+        stacks along dim 0: 3 for the fused QKV projection, 2 for SwiGLU's gate and value, else 1."""
+        matrices: dict[nn.Parameter, int] = {}
+        for block in self.blocks:
+            matrices[block.attn.qkv.weight] = 3
+            matrices[block.attn.proj.weight] = 1
+            matrices[block.mlp.up.weight] = 2 if self.config.activation == "swiglu" else 1
+            matrices[block.mlp.down.weight] = 1
+        return matrices
+
+    def optimizer_groups(self, weight_decay: float, muon: bool = False) -> list[dict]:
+        """Parameter groups: decay on matrices (>= 2-D: linear weights, embeddings), none on biases and
+        norms. With muon, the hidden matrices come first in groups flagged use_muon, one per block count."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = []
+        if muon:
+            hidden = self.hidden_matrices()
+            for blocks in sorted(set(hidden.values())):
+                groups.append({"params": [p for p in params if hidden.get(p) == blocks], "use_muon": True,
+                               "blocks": blocks, "weight_decay": weight_decay})
+            params = [p for p in params if p not in hidden]
+        return groups + [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
                      ) -> KVCache:
@@ -345,10 +364,3 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         return logits, loss
 
-
-def make_optimizer(model: GPT, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: torch.device | str) -> torch.optim.AdamW:
-    """AdamW over model.optimizer_groups, fused (one kernel for all params) on CUDA and CPU."""
-    device = torch.device(device)
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(model.optimizer_groups(weight_decay), lr=lr, betas=betas, fused=fused)

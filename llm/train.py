@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine schedule, accumulation, DDP, checkpoints, exact resume.
+"""The training loop: Muon or AdamW, warmup + cosine schedule, accumulation, DDP, checkpoints, exact resume.
 
 Everything a step computes is a function of (params, inputs, step): the data
 order (WindowSampler), the learning rate (`lr_at`) and the dropout RNG, whose
@@ -32,7 +32,8 @@ from llm.errors import CheckpointError, ConfigError, DataError, LLMError
 from llm.fingerprint import Fingerprint, describe_changes, dict_changes, make_fingerprint
 from llm.hardware import autocast, mfu, resolve_device, resolve_precision
 from llm.io import sha256_file, write_json_atomic
-from llm.model import GPT, make_optimizer
+from llm.model import GPT
+from llm.optim import make_optimizer
 from llm.shards import TokenShards, WindowSampler, get_batch, read_meta
 from llm.trainlog import TrainLog
 
@@ -112,7 +113,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank and every run
         self.raw_model = GPT(self.model_config).to(self.device)
         self.optimizer = make_optimizer(self.raw_model, self.cfg.learning_rate, self.cfg.weight_decay,
-                                        (self.cfg.beta1, self.cfg.beta2), self.device)
+                                        (self.cfg.beta1, self.cfg.beta2), self.device,
+                                        optimizer=self.cfg.optimizer, muon_lr=self.cfg.muon_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.best_val_loss, self.train_time_s = 0, math.inf, 0.0
         self.latest: dict[str, float] = {}
@@ -306,8 +308,9 @@ class Trainer:
                 f"{self.checkpoint_dir / LAST} (step {self.saved_step}) is kept"
             raise LLMError(f"loss became {mean_loss} at step {self.step + 1}; lower train.learning_rate, "
                            f"set train.grad_clip (e.g. 1.0) or use runtime.precision fp32/bf16; {kept}")
+        scale = lr_at(self.step, self.total_steps, cfg) / cfg.learning_rate  # every group follows one shape
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.total_steps, cfg)
+            group["lr"] = group["peak_lr"] * scale
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)

@@ -10,7 +10,8 @@ import torch
 
 from llm.config import ModelConfig
 from llm.errors import ConfigError
-from llm.model import GPT, RMSNorm, apply_rope, make_optimizer, rope_tables, rotate_reference, swiglu_hidden
+from llm.model import GPT, RMSNorm, apply_rope, rope_tables, rotate_reference, swiglu_hidden
+from llm.optim import make_optimizer
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 VARIANTS = [(p, n, a) for p in POSITIONS for n, a in (("rmsnorm", "relu2"), ("layernorm", "gelu"))] + [

@@ -103,6 +103,23 @@ def test_train_writes_model_checkpoints_metrics_and_curves(tmp_path: Path, text:
     assert_same_weights(last["model"], model.state_dict())
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_each_optimizer_trains_and_every_group_follows_the_schedule(tmp_path: Path, text: str,
+                                                                     optimizer: str) -> None:
+    project = make_project(tmp_path / "p", text)
+    params = write_params(project, train={"optimizer": optimizer, "muon_lr": 0.03})
+    train(params, **outputs(project))
+    rows = read_tsv(project / "metrics" / "train_log.tsv")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    groups = read_checkpoint(project / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    muon_groups = [g for g in groups if g.get("use_muon")]
+    assert bool(muon_groups) == (optimizer == "muon")
+    end_scale = params.train.min_lr / params.train.learning_rate  # the last step runs at min_lr
+    for group in groups:
+        peak = 0.03 if group.get("use_muon") else params.train.learning_rate
+        assert group["peak_lr"] == peak and group["lr"] == pytest.approx(peak * end_scale)
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path: Path, text: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     project = make_project(tmp_path / "p", text)
