@@ -5,8 +5,10 @@ scored on the whole split in non-overlapping windows. Each variant trains for --
 time-based warmup + cosine schedule, so cheaper variants get more steps, as they would in a real budget.
 
     python benchmarks/quality.py --seconds 55 --variants rope,rmsnorm,relu2 learned,layernorm,gelu
+    python benchmarks/quality.py --seconds 55 --optimizers adamw muon --layers 2 --batch 16 --lr 4e-3
 
-Variants are position,norm,activation[,untied][,bias]. The last line is JSON.
+Variants are position,norm,activation[,untied][,bias]; every variant runs with every optimizer.
+The last line is JSON.
 """
 
 from __future__ import annotations
@@ -70,11 +72,13 @@ def valid_bits_per_byte(model: GPT, valid: torch.Tensor, num_bytes: int, seq: in
 
 
 def train_for(config: ModelConfig, train: torch.Tensor, seconds: float, batch: int, lr: float,
-              clock=time.perf_counter, warmup_fraction: float = 0.05, seed: int = 1337) -> tuple[GPT, int]:
+              optimizer_name: str = "adamw", muon_lr: float = 0.02, clock=time.perf_counter,
+              warmup_fraction: float = 0.05, seed: int = 1337) -> tuple[GPT, int]:
     """Train on random windows for `seconds` of `clock`; lr follows warmup + cosine over elapsed time."""
     torch.manual_seed(seed)
     model = GPT(config)
-    optimizer = make_optimizer(model, lr=lr, weight_decay=0.1, betas=(0.9, 0.95), device="cpu")
+    optimizer = make_optimizer(model, lr=lr, weight_decay=0.1, betas=(0.9, 0.95), device="cpu",
+                               optimizer=optimizer_name, muon_lr=muon_lr)
     seq = config.max_seq_length
     start, steps = clock(), 0
     while (elapsed := clock() - start) < seconds:
@@ -82,7 +86,7 @@ def train_for(config: ModelConfig, train: torch.Tensor, seconds: float, batch: i
         scale = progress / warmup_fraction if progress < warmup_fraction else \
             0.1 + 0.45 * (1 + math.cos(math.pi * (progress - warmup_fraction) / (1 - warmup_fraction)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = group["peak_lr"] * scale
         offsets = torch.randint(0, len(train) - seq - 1, (batch,))
         chunk = torch.stack([train[o:o + seq + 1] for o in offsets])
         _, loss = model(chunk[:, :-1], chunk[:, 1:])
@@ -96,7 +100,9 @@ def train_for(config: ModelConfig, train: torch.Tensor, seconds: float, batch: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["rope,rmsnorm,relu2", "learned,layernorm,gelu"])
+    parser.add_argument("--variants", nargs="+", default=["rope,layernorm,relu2", "learned,layernorm,gelu"])
+    parser.add_argument("--optimizers", nargs="+", default=["muon"], choices=["muon", "adamw"])
+    parser.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak rate (train.muon_lr)")
     parser.add_argument("--seconds", type=float, default=55.0)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--d-model", type=int, default=256)
@@ -116,16 +122,19 @@ def main() -> None:
     print(f"train {len(train):,} tokens, valid {len(valid):,} tokens / {valid_bytes:,} bytes, vocab {vocab}, "
           f"{torch.get_num_threads()} threads", flush=True)
     results = {}
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for variant in args.variants:
         config = ModelConfig(vocab_size=vocab, d_model=args.d_model, num_heads=args.heads,
                              num_layers=args.layers, d_ff=args.d_ff, max_seq_length=args.seq, dropout=0.0,
                              **parse_variant(variant))
-        clock = time.process_time if args.cpu_time else time.perf_counter
-        model, steps = train_for(config, train, args.seconds, args.batch, args.lr, clock)
-        bpb = valid_bits_per_byte(model, valid, valid_bytes, args.seq, batch=32)
-        results[variant] = {"valid_bpb": round(bpb, 4), "steps": steps}
-        print(f"  {variant:32s} {steps:5d} steps in {args.seconds:.0f} s  valid {bpb:.4f} bits/byte",
-              flush=True)
+        for optimizer in args.optimizers:
+            model, steps = train_for(config, train, args.seconds, args.batch, args.lr, optimizer,
+                                     args.muon_lr, clock)
+            bpb = valid_bits_per_byte(model, valid, valid_bytes, args.seq, batch=32)
+            name = f"{variant} {optimizer}"
+            results[name] = {"valid_bpb": round(bpb, 4), "steps": steps}
+            print(f"  {name:38s} {steps:5d} steps in {args.seconds:.0f} s  valid {bpb:.4f} bits/byte",
+                  flush=True)
     print(json.dumps({**{k: v for k, v in vars(args).items() if k != "variants"}, "results": results}))
 
 

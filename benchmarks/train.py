@@ -6,6 +6,7 @@ kept, so background load hits every model alike. Ours uses make_optimizer (what 
 
     python benchmarks/train.py                 # configs L and S, fp32 and bf16 autocast
     python benchmarks/train.py --configs L --rounds 8
+    python benchmarks/train.py --no-compile   # skip the torch.compile'd model (compiling takes ~15-60 s)
 
 Prints a table and ratios; the last line is JSON. On CUDA it also prints MFU.
 """
@@ -32,8 +33,7 @@ CONFIGS = {  # name: (model shape, batch size)
     "S": (dict(vocab_size=65, d_model=128, num_layers=4, num_heads=4, d_ff=512, max_seq_length=64), 12),
 }
 GPT2_EQUIVALENT = dict(position="learned", norm="layernorm", activation="gelu", bias=True, tie_weights=True)
-# Our defaults with LayerNorm: on CPU torch's fused LayerNorm kernel beats any RMSNorm we can write in Python.
-VARIANTS = {"ours": {}, "ours-layernorm": dict(norm="layernorm"), "ours-gpt2-variant": GPT2_EQUIVALENT}
+VARIANTS = {"ours": {}, "ours-gpt2-variant": GPT2_EQUIVALENT}
 
 
 def hf_gpt2(shape: dict) -> torch.nn.Module:
@@ -79,16 +79,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_runners(config_name: str, precisions: list[str], device: torch.device) -> list[Runner]:
+def build_runners(config_name: str, precisions: list[str], device: torch.device, compile_too: bool
+                  ) -> list[Runner]:
     shape, _ = CONFIGS[config_name]
     runners = []
     for precision in precisions:
-        for label, overrides in VARIANTS.items():
+        variants = [(label, overrides, False) for label, overrides in VARIANTS.items()]
+        if compile_too:  # what runtime.compile: true trains with
+            variants.insert(1, ("ours+compile", {}, True))
+        for label, overrides, compiled in variants:
             torch.manual_seed(0)
             model = GPT(ModelConfig(**shape, dropout=0.0, **overrides)).to(device)
             optimizer = make_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), device=device)
-            runners.append(Runner(f"{label} {precision}", model, optimizer, precision, device, False,
-                                  model.flops_per_token()))
+            runners.append(Runner(f"{label} {precision}", torch.compile(model) if compiled else model,
+                                  optimizer, precision, device, False, model.flops_per_token()))
         torch.manual_seed(0)
         hf = hf_gpt2(shape).to(device)
         flops = GPT(ModelConfig(**shape, dropout=0.0, **GPT2_EQUIVALENT)).flops_per_token()
@@ -97,14 +101,16 @@ def build_runners(config_name: str, precisions: list[str], device: torch.device)
     return runners
 
 
-def bench_config(config_name: str, precisions: list[str], rounds: int, device: torch.device) -> dict:
+def bench_config(config_name: str, precisions: list[str], rounds: int, device: torch.device,
+                 compile_too: bool) -> dict:
     """Interleaved best-of-`rounds` step times for every runner of one config; returns tokens/s by name."""
     shape, batch = CONFIGS[config_name]
-    runners = build_runners(config_name, precisions, device)
+    runners = build_runners(config_name, precisions, device, compile_too)
     generator = torch.Generator().manual_seed(0)
     data = torch.randint(0, shape["vocab_size"], (batch, shape["max_seq_length"] + 1), generator=generator)
     idx, targets = data[:, :-1].to(device), data[:, 1:].to(device)
-    for runner in runners:  # warm-up: allocator, kernels, optimizer state
+    for runner in runners:  # warm-up: allocator, kernels, optimizer state, torch.compile
+        runner.step(idx, targets)
         runner.step(idx, targets)
         runner.times.clear()
     for _ in range(rounds):
@@ -136,6 +142,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--rounds", type=int, default=6, help="timed steps per model (best one kept)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps in process CPU seconds (robust on a busy machine, with --threads 1)")
@@ -147,7 +154,7 @@ def main() -> None:
     device = resolve_device(args.device)
     summary = {}
     for name in args.configs:
-        result = bench_config(name, args.precisions, args.rounds, device)
+        result = bench_config(name, args.precisions, args.rounds, device, not args.no_compile)
         hf = result.get("hf-gpt2 fp32")
         for runner_name, tps in result.items():
             key = f"{name}_{runner_name.replace(' ', '_').replace('-', '_')}"

@@ -58,6 +58,12 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """True where the hand-written CPU autograd functions below pay off: on CPU, outside torch.compile
+    (which fuses the plain ops better: measured 22.6k vs 18.0k tok/s at benchmarks/train.py config S)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with ATen's fused forward and a hand-written backward: autograd through the composite
     op costs ~5x a LayerNorm on CPU, this ~3x (torch has no fused RMSNorm backward on CPU)."""
@@ -82,7 +88,7 @@ class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same parameters and state dict), with the faster fused path on CPU in fp32/bf16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
+        if not eager_cpu(x) or x.dtype != self.weight.dtype:
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
@@ -159,7 +165,7 @@ def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., i], x[..., i + D/2]) by the angles of their positions; cos/sin broadcast to x."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return _RoPEFunction.apply(x, cos, sin) if x.device.type == "cpu" else rotate_reference(x, cos, sin)
+    return _RoPEFunction.apply(x, cos, sin) if eager_cpu(x) else rotate_reference(x, cos, sin)
 
 
 class CausalSelfAttention(nn.Module):
@@ -218,7 +224,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         if self.activation == "relu2":  # So et al. 2021 (Primer): relu(x)^2; CPU: fewer memory passes
-            h = _ReLU2Function.apply(h) if h.device.type == "cpu" else torch.relu(h).square()
+            h = _ReLU2Function.apply(h) if eager_cpu(h) else torch.relu(h).square()
         elif self.activation == "gelu":
             h = F.gelu(h, approximate="tanh")
         else:
