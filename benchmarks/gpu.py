@@ -3,6 +3,7 @@ and a loss-parity check of bf16 autocast against fp32 on a small model.
 
     python benchmarks/gpu.py            # on a CUDA machine; under 5 minutes, no DVC needed
     python benchmarks/gpu.py --smoke    # tiny shapes, runs anywhere (CPU), to check the script works
+    python benchmarks/gpu.py --optimizer muon   # the trainer's default (MFU counts model FLOPs only)
 
 The last line is JSON.
 """
@@ -30,9 +31,11 @@ SMOKE = dict(vocab_size=256, d_model=64, num_heads=4, num_layers=2, d_ff=256, ma
 
 
 def train_steps(model: torch.nn.Module, batches: list[torch.Tensor], precision: str, device: torch.device,
-                lr: float = 1e-3) -> tuple[list[float], list[float]]:
+                lr: float = 1e-3, optimizer_name: str = "adamw") -> tuple[list[float], list[float]]:
     """Train one step per batch; returns (losses, step seconds)."""
-    optimizer = make_optimizer(model, lr=lr, weight_decay=0.1, betas=(0.9, 0.95), device=device)
+    raw = getattr(model, "_orig_mod", model)  # a compiled model's parameters are the original's
+    optimizer = make_optimizer(raw, lr=lr, weight_decay=0.1, betas=(0.9, 0.95), device=device,
+                               optimizer=optimizer_name)
     losses, seconds = [], []
     for batch in batches:
         start = time.perf_counter()
@@ -53,7 +56,7 @@ def random_batches(shape: dict, batch_size: int, count: int, device: torch.devic
 
 
 def throughput(shape: dict, batch_size: int, steps: int, precision: str, compile_model: bool,
-               device: torch.device) -> dict:
+               device: torch.device, optimizer_name: str) -> dict:
     """Tokens/s (median step after warm-up), MFU and peak memory of training `shape` at `precision`."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(**shape, dropout=0.0)).to(device)
@@ -64,7 +67,7 @@ def throughput(shape: dict, batch_size: int, steps: int, precision: str, compile
         torch.cuda.reset_peak_memory_stats(device)
     warmup = 3
     batches = random_batches(shape, batch_size, warmup + steps, device)
-    _, seconds = train_steps(model, batches, precision, device)
+    _, seconds = train_steps(model, batches, precision, device, optimizer_name=optimizer_name)
     step = sorted(seconds[warmup:])[len(seconds[warmup:]) // 2]
     tokens_per_sec = batch_size * shape["max_seq_length"] / step
     util = mfu(tokens_per_sec, flops_per_token, device, precision)
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     args = parser.parse_args()
     device = resolve_device("auto")
     if device.type == "cuda":
@@ -105,7 +109,8 @@ def main() -> None:
     print(f"device {name}, precision {precision}, compile {compile_model}, "
           f"peak FLOP/s {peak_flops(device, precision)}")
     result = {"device": name, "precision": precision, "compile": compile_model, "batch_size": batch_size,
-              **throughput(shape, batch_size, steps, precision, compile_model, device)}
+              "optimizer": args.optimizer,
+              **throughput(shape, batch_size, steps, precision, compile_model, device, args.optimizer)}
     print(f"throughput: {result['tokens_per_sec']:,.0f} tok/s, {result['step_ms']} ms/step, "
           f"MFU {result['mfu']}, peak memory {result['peak_memory_gib']} GiB")
     parity = loss_parity(SMOKE if args.smoke else PARITY, precision, device)

@@ -28,10 +28,11 @@ from llm.model import GPT
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T for update = U S V^T, batched over leading dims; computed in fp32 on CPU,
-    bf16 elsewhere (as the reference does on GPUs: the iteration tolerates the rounding)."""
-    dtype = torch.float32 if update.device.type == "cpu" else torch.bfloat16
+def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximately U V^T for update = U S V^T, batched over leading dims; computed in `dtype`, by default
+    fp32 on CPU and bf16 elsewhere (as the reference does on GPUs: the iteration tolerates the rounding)."""
+    if dtype is None:
+        dtype = torch.float32 if update.device.type == "cpu" else torch.bfloat16
     x = update.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix

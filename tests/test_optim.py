@@ -16,8 +16,9 @@ def tiny_model(**overrides) -> GPT:
     return GPT(ModelConfig(**{**base, **overrides}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: what GPUs run
 @pytest.mark.parametrize("shape", [(48, 48), (32, 96), (96, 32), (3, 16, 40)])
-def test_orthogonalize_pushes_every_singular_value_near_one(shape):
+def test_orthogonalize_pushes_every_singular_value_near_one(shape, dtype):
     generator = torch.Generator().manual_seed(0)
     *batch, rows, cols = shape
     rank = min(rows, cols)
@@ -25,7 +26,7 @@ def test_orthogonalize_pushes_every_singular_value_near_one(shape):
     right = torch.linalg.qr(torch.randn(*batch, cols, rank, generator=generator))[0]
     spectrum = torch.logspace(-1.5, 0, rank) * 1e-3  # singular values spread over ~30x
     update = left @ torch.diag_embed(spectrum.expand(*batch, rank)) @ right.mT
-    result = orthogonalize(update)
+    result = orthogonalize(update, dtype=dtype)
     singular = torch.linalg.svdvals(result)
     assert result.shape == update.shape
     assert singular.min() > 0.5 and singular.max() < 1.25  # Jordan et al.: roughly 0.7-1.2
