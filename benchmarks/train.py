@@ -65,7 +65,8 @@ class Runner:
         start = self.clock()
         with autocast(self.precision, self.device):
             # HF shifts the labels itself; ours takes the next-token targets
-            loss = self.model(input_ids=idx, labels=idx).loss if self.hf else self.model(idx, targets)[1]
+            loss = self.model(input_ids=idx, labels=idx).loss if self.hf else \
+                self.model(idx, targets, return_logits=False)[1]  # as the trainer calls it
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

