@@ -209,6 +209,13 @@ class Trainer:
                       "starting at step 0")
             return False
         old = Fingerprint.from_dict(payload.get("fingerprint_parts", {}))
+        old_optimizer = old.train.get("optimizer", "adamw")  # the only optimizer before train.optimizer
+        if old_optimizer != self.cfg.optimizer:
+            self._load(payload, optimizer=False, position=False)
+            self._say(f"train.resume: loaded model weights from {path}; its optimizer state is "
+                      f"{old_optimizer}'s and train.optimizer is {self.cfg.optimizer}, so the optimizer "
+                      "starts fresh at step 0")
+            return False
         step = int(payload.get("step", 0))
         same_order = (old.shards_sha256 == self.fingerprint.shards_sha256
                       and old.train.get("batch_size") == self.cfg.batch_size

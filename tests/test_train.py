@@ -196,3 +196,17 @@ def test_explicit_resume_continues_exactly_and_checks_the_model(tmp_path: Path, 
     expected = r"its model differs from params.yaml \(model.d_model 32 -> 64\)"
     with pytest.raises(CheckpointError, match=expected):
         train(wider, **outputs(make_project(tmp_path / "wider", text)))
+
+
+def test_explicit_resume_across_optimizers_keeps_the_weights_only(tmp_path: Path, text: str, capsys) -> None:
+    adamw_run = make_project(tmp_path / "adamw", text)
+    train(write_params(adamw_run, train={"optimizer": "adamw"}), **outputs(adamw_run))
+    saved = adamw_run / "checkpoints" / "last.pt"
+    muon_run = make_project(tmp_path / "muon", text)
+    capsys.readouterr()
+    params = write_params(muon_run, train={"optimizer": "muon", "resume": str(saved), "max_steps": 2})
+    metrics = train(params, **outputs(muon_run))
+    said = capsys.readouterr().out
+    assert (f"train.resume: loaded model weights from {saved}; its optimizer state is adamw's and "
+            "train.optimizer is muon, so the optimizer starts fresh at step 0") in said
+    assert metrics["steps"] == 2
