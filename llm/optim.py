@@ -67,8 +67,8 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter that has a gradient.
 
-        Muon's matrices are orthogonalized in batches of one shape (a transposed tall matrix counts as
-        wide), so a model's dozens of small matrices cost a few batched matmuls instead of hundreds.
+        Muon's matrices are orthogonalized in batches of one shape, so a model's dozens of small
+        matrices cost a few batched matmuls instead of hundreds.
         """
         loss = None
         if closure is not None:
@@ -83,16 +83,13 @@ class Muon(torch.optim.Optimizer):
                     self._adamw_update(param, group)
                     continue
                 blocks = self._nesterov_momentum(param, group).view(group["blocks"], -1, param.size(-1))
-                wide = blocks.mT if blocks.size(-2) > blocks.size(-1) else blocks  # (blocks, rows <= cols)
-                by_shape.setdefault(tuple(wide.shape[1:]), []).append((param, group, wide))
-        for (_, cols), items in by_shape.items():
-            updates = orthogonalize(torch.cat([wide for _, _, wide in items]))
-            scale = 0.2 * math.sqrt(cols)  # Liu et al.: 0.2 sqrt(max(rows, cols)) matches AdamW's update RMS
-            for (param, group, wide), update in zip(items, updates.split([w.size(0) for _, _, w in items])):
-                if wide.size(-2) != param.size(-2) // group["blocks"]:  # transposed on the way in
-                    update = update.mT
+                by_shape.setdefault(tuple(blocks.shape[1:]), []).append((param, group, blocks))
+        for (rows, cols), items in by_shape.items():
+            updates = orthogonalize(torch.cat([blocks for _, _, blocks in items]))
+            scale = 0.2 * math.sqrt(max(rows, cols))  # Liu et al.: matches AdamW's update RMS
+            for (param, group, _), update in zip(items, updates.split([b.size(0) for _, _, b in items])):
                 param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(update.reshape(param.shape), alpha=-group["lr"] * scale)
+                param.add_(update.view_as(param), alpha=-group["lr"] * scale)
         return loss
 
     def _nesterov_momentum(self, param: torch.Tensor, group: dict) -> torch.Tensor:
