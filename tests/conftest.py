@@ -27,5 +27,11 @@ def shakespeare(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shakespeare_text(shakespeare: Path) -> str:
+    """Tiny Shakespeare as one string (read once per session)."""
+    return shakespeare.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
 def wikitext_valid(shared_data: Path) -> Path:
     return shared_data / "wikitext-2" / "valid.txt"

@@ -21,17 +21,12 @@ SAME_RUN = {"model": {"dropout": 0.0},
             "train": {"max_steps": 20, "grad_accum_steps": 2, "eval_interval": 10, "checkpoint_interval": 10}}
 
 
-@pytest.fixture(scope="module")
-def text(shakespeare: Path) -> str:
-    return shakespeare.read_text(encoding="utf-8")
-
-
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path: Path, text: str) -> None:
-    single = make_project(tmp_path / "single", text)
+def test_two_gloo_processes_match_one_process(tmp_path: Path, shakespeare_text: str) -> None:
+    single = make_project(tmp_path / "single", shakespeare_text)
     train(write_params(single, **SAME_RUN, runtime={"log_interval": 1}), **outputs(single))
 
-    double = make_project(tmp_path / "double", text)
+    double = make_project(tmp_path / "double", shakespeare_text)
     write_params(double, **SAME_RUN, runtime={"log_interval": 1, "nproc_per_node": 2})
     done = run_train_stage(double, timeout=240)
     assert done.returncode == 0, done.stdout
@@ -60,8 +55,8 @@ def test_relaunches_under_torchrun_only_when_asked(monkeypatch: pytest.MonkeyPat
     assert relaunch_under_torchrun(4, "stages/train.py") is None
 
 
-def test_global_batch_must_split_over_ranks_and_micro_batches(tmp_path: Path, text: str) -> None:
-    project = make_project(tmp_path / "p", text)
+def test_global_batch_must_split_over_ranks_and_micro_batches(tmp_path: Path, shakespeare_text: str) -> None:
+    project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project, train={"batch_size": 8, "grad_accum_steps": 2})
     expected = r"train.batch_size = 8: must be a multiple of train.grad_accum_steps \(2\) x processes \(3"
     with pytest.raises(ConfigError, match=expected):

@@ -165,10 +165,12 @@ def test_optimizer_groups_cover_every_param_once():
     assert isinstance(optimizer, torch.optim.AdamW)
 
 
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
 @pytest.mark.parametrize("position,norm,activation", VARIANTS)
-def test_training_on_a_repeated_sequence_reduces_loss(position, norm, activation):
+def test_training_on_a_repeated_sequence_reduces_loss(position, norm, activation, optimizer_name):
     model = make_model(position=position, norm=norm, activation=activation).train()
-    optimizer = make_optimizer(model, lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95), device="cpu")
+    optimizer = make_optimizer(model, lr=3e-3, weight_decay=0.0, betas=(0.9, 0.95), device="cpu",
+                               optimizer=optimizer_name, muon_lr=0.02)
     pattern = torch.arange(25) % 7
     idx, targets = pattern[:-1].repeat(4, 1), pattern[1:].repeat(4, 1)
     losses = []

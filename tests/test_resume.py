@@ -33,11 +33,6 @@ EXACT = {"model": {"dropout": 0.2},
          "train": {"max_steps": 16, "checkpoint_interval": 1, "grad_accum_steps": 2, "eval_interval": 5}}
 
 
-@pytest.fixture(scope="module")
-def text(shakespeare: Path) -> str:
-    return shakespeare.read_text(encoding="utf-8")
-
-
 def _curves(project: Path) -> tuple[list, list]:
     """Train rows without the wall-clock column, and val rows."""
     rows = read_tsv(project / "metrics" / "train_log.tsv")
@@ -46,11 +41,11 @@ def _curves(project: Path) -> tuple[list, list]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path: Path, text: str) -> None:
-    reference = make_project(tmp_path / "reference", text, **EXACT)
+def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path: Path, shakespeare_text: str) -> None:
+    reference = make_project(tmp_path / "reference", shakespeare_text, **EXACT)
     train(write_params(reference, **EXACT), **outputs(reference))  # one thread, like the stage subprocesses
 
-    killed = make_project(tmp_path / "killed", text, **EXACT)
+    killed = make_project(tmp_path / "killed", shakespeare_text, **EXACT)
     last = killed / "checkpoints" / "last.pt"
     process = subprocess.Popen(stage_command(), cwd=killed, env=stage_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.STDOUT)
@@ -76,9 +71,9 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(tmp_path: Path, te
     assert _curves(killed) == _curves(reference)
 
 
-def test_stale_checkpoint_is_not_reused_and_bookkeeping_changes_still_resume(tmp_path: Path, text: str,
-                                                                            capsys) -> None:
-    project = make_project(tmp_path / "p", text)
+def test_stale_checkpoint_is_not_reused_and_bookkeeping_changes_still_resume(
+        tmp_path: Path, shakespeare_text: str, capsys) -> None:
+    project = make_project(tmp_path / "p", shakespeare_text)
     first = train(write_params(project), **outputs(project))
     capsys.readouterr()
 
@@ -96,9 +91,9 @@ def test_stale_checkpoint_is_not_reused_and_bookkeeping_changes_still_resume(tmp
     assert stored["train"]["learning_rate"] == 0.002
 
 
-def test_logs_continue_after_resume_without_duplicates(tmp_path: Path, text: str,
+def test_logs_continue_after_resume_without_duplicates(tmp_path: Path, shakespeare_text: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    project = make_project(tmp_path / "p", text)
+    project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project)
     with monkeypatch.context() as patch:
         fail_forward_at(patch, 7, raise_stop)

@@ -33,11 +33,6 @@ METRIC_KEYS = {"train_loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_sec",
                "train_time_s", "device", "steps", "epochs"}
 
 
-@pytest.fixture(scope="module")
-def text(shakespeare: Path) -> str:
-    return shakespeare.read_text(encoding="utf-8")
-
-
 def test_lr_schedule_warms_up_peaks_and_ends_at_min_lr() -> None:
     cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10)
     lrs = [lr_at(step, 100, cfg) for step in range(100)]
@@ -69,8 +64,8 @@ def test_fingerprint_follows_results_not_bookkeeping() -> None:
                                              "the token shards changed (data/shards/meta.json)"]
 
 
-def test_train_writes_model_checkpoints_metrics_and_curves(tmp_path: Path, text: str) -> None:
-    project = make_project(tmp_path / "p", text)
+def test_train_writes_model_checkpoints_metrics_and_curves(tmp_path: Path, shakespeare_text: str) -> None:
+    project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project)
     metrics = train(params, **outputs(project))
 
@@ -104,9 +99,9 @@ def test_train_writes_model_checkpoints_metrics_and_curves(tmp_path: Path, text:
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_each_optimizer_trains_and_every_group_follows_the_schedule(tmp_path: Path, text: str,
+def test_each_optimizer_trains_and_every_group_follows_the_schedule(tmp_path: Path, shakespeare_text: str,
                                                                      optimizer: str) -> None:
-    project = make_project(tmp_path / "p", text)
+    project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project, train={"optimizer": optimizer, "muon_lr": 0.03})
     train(params, **outputs(project))
     rows = read_tsv(project / "metrics" / "train_log.tsv")
@@ -120,9 +115,9 @@ def test_each_optimizer_trains_and_every_group_follows_the_schedule(tmp_path: Pa
         assert group["peak_lr"] == peak and group["lr"] == pytest.approx(peak * end_scale)
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path: Path, text: str,
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path: Path, shakespeare_text: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    project = make_project(tmp_path / "p", text)
+    project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project, train={"checkpoint_interval": 3})
     fail_forward_at(monkeypatch, 7, lambda logits, loss: (logits, loss * float("nan")))
     expected = r"loss became nan at step 7; lower train.learning_rate.*step 6\) is kept"
@@ -133,8 +128,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path: Pat
     assert not (project / "models" / "model.pt").exists()
 
 
-def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path: Path, text: str) -> None:
-    project = make_project(tmp_path / "p", text)
+def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path: Path, shakespeare_text: str) -> None:
+    project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project)
     blocker = project / "checkpoints"
     blocker.write_text("a file where the checkpoint folder should be", encoding="utf-8")
@@ -142,9 +137,9 @@ def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path: Path, text: str) -
         train(params, **outputs(project))
 
 
-def test_failed_checkpoint_write_names_path_and_keeps_previous(tmp_path: Path, text: str,
+def test_failed_checkpoint_write_names_path_and_keeps_previous(tmp_path: Path, shakespeare_text: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    project = make_project(tmp_path / "p", text)
+    project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project, train={"checkpoint_interval": 2, "eval_interval": 100})
     real_save, saves = torch.save, [0]
 
@@ -163,12 +158,12 @@ def test_failed_checkpoint_write_names_path_and_keeps_previous(tmp_path: Path, t
     assert [p.name for p in last.parent.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
-def test_explicit_resume_continues_exactly_and_checks_the_model(tmp_path: Path, text: str, capsys,
+def test_explicit_resume_continues_exactly_and_checks_the_model(tmp_path: Path, shakespeare_text: str, capsys,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = make_project(tmp_path / "reference", text)
+    reference = make_project(tmp_path / "reference", shakespeare_text)
     train(write_params(reference), **outputs(reference))
 
-    interrupted = make_project(tmp_path / "interrupted", text)
+    interrupted = make_project(tmp_path / "interrupted", shakespeare_text)
     with monkeypatch.context() as patch:
         fail_forward_at(patch, 7, raise_stop)
         with pytest.raises(KeyboardInterrupt):
@@ -187,7 +182,7 @@ def test_explicit_resume_continues_exactly_and_checks_the_model(tmp_path: Path, 
     train(write_params(interrupted, train={"resume": str(saved)}), **outputs(interrupted))
     assert "resuming from" in capsys.readouterr().out
 
-    fresh = make_project(tmp_path / "weights-only", text)
+    fresh = make_project(tmp_path / "weights-only", shakespeare_text)
     train(write_params(fresh, train={"resume": str(reference / "models" / "model.pt"), "max_steps": 2}),
           **outputs(fresh))
     assert "loaded model weights from" in capsys.readouterr().out
@@ -195,14 +190,15 @@ def test_explicit_resume_continues_exactly_and_checks_the_model(tmp_path: Path, 
     wider = write_params(fresh, model={"d_model": 64}, train={"resume": str(saved)})
     expected = r"its model differs from params.yaml \(model.d_model 32 -> 64\)"
     with pytest.raises(CheckpointError, match=expected):
-        train(wider, **outputs(make_project(tmp_path / "wider", text)))
+        train(wider, **outputs(make_project(tmp_path / "wider", shakespeare_text)))
 
 
-def test_explicit_resume_across_optimizers_keeps_the_weights_only(tmp_path: Path, text: str, capsys) -> None:
-    adamw_run = make_project(tmp_path / "adamw", text)
+def test_explicit_resume_across_optimizers_keeps_the_weights_only(tmp_path: Path, shakespeare_text: str,
+                                                                  capsys) -> None:
+    adamw_run = make_project(tmp_path / "adamw", shakespeare_text)
     train(write_params(adamw_run, train={"optimizer": "adamw"}), **outputs(adamw_run))
     saved = adamw_run / "checkpoints" / "last.pt"
-    muon_run = make_project(tmp_path / "muon", text)
+    muon_run = make_project(tmp_path / "muon", shakespeare_text)
     capsys.readouterr()
     params = write_params(muon_run, train={"optimizer": "muon", "resume": str(saved), "max_steps": 2})
     metrics = train(params, **outputs(muon_run))
