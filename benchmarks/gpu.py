@@ -40,7 +40,7 @@ def train_steps(model: torch.nn.Module, batches: list[torch.Tensor], precision: 
     for batch in batches:
         start = time.perf_counter()
         with autocast(precision, device):
-            _, loss = model(batch[:, :-1], batch[:, 1:])
+            loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -60,12 +60,12 @@ def valid_bits_per_byte(model: GPT, valid: torch.Tensor, num_bytes: int, seq: in
     targets = windows[1:].view(-1, seq)
     total = 0.0
     for i in range(0, len(inputs), batch):
-        logits, _ = model(inputs[i:i + batch])
+        logits = model(inputs[i:i + batch])
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[i:i + batch].flatten(),
                                                    reduction="sum").item()
     tail = valid[len(windows) - 1:]  # the last partial window
     if len(tail) > 1:
-        logits, _ = model(tail[None, :-1])
+        logits = model(tail[None, :-1])
         total += torch.nn.functional.cross_entropy(logits[0], tail[1:], reduction="sum").item()
     model.train()
     return total / math.log(2) / num_bytes
@@ -89,7 +89,7 @@ def train_for(config: ModelConfig, train: torch.Tensor, seconds: float, batch: i
             group["lr"] = group["peak_lr"] * scale
         offsets = torch.randint(0, len(train) - seq - 1, (batch,))
         chunk = torch.stack([train[o:o + seq + 1] for o in offsets])
-        _, loss = model(chunk[:, :-1], chunk[:, 1:])
+        loss = model(chunk[:, :-1], chunk[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

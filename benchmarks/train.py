@@ -66,7 +66,7 @@ class Runner:
         with autocast(self.precision, self.device):
             # HF shifts the labels itself; ours takes the next-token targets
             loss = self.model(input_ids=idx, labels=idx).loss if self.hf else \
-                self.model(idx, targets, return_logits=False)[1]  # as the trainer calls it
+                self.model(idx, targets)  # as the trainer calls it
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -68,7 +68,7 @@ def evaluate_split(model: torch.nn.Module, shards: TokenShards, *, window: int, 
     Sums rather than means, so that splits, batches of different sizes and ranks combine exactly:
     every normalisation (per token, per byte, per word) is then one division at the end. Under
     torch.distributed each rank scores every world_size-th window and the sums are all-reduced.
-    The model must return (logits, loss) with logits for every position; run under the caller's
+    model(inputs) must return the logits (B, T, V) of every position; run under the caller's
     autocast, the cross-entropy itself is taken in fp32. Deterministic for a given model and data.
     """
     if len(shards) < 2:
@@ -83,7 +83,7 @@ def evaluate_split(model: torch.nn.Module, shards: TokenShards, *, window: int, 
     batches = range(0, len(mine), batch_size)
     for start in tqdm(batches, desc=f"eval {shards.split}", unit="batch", disable=not progress):
         inputs, targets = _batch(shards, mine[start:start + batch_size], device)
-        logits, _ = model(inputs)
+        logits = model(inputs)
         nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
                                reduction="sum")
         totals[0] += nats.double()

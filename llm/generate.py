@@ -107,12 +107,12 @@ class _NextLogits:
         """(B, V) logits predicting sequence[:, length] from (at most a context of) sequence[:, :length]."""
         window = sequence[:, max(0, length - self.context):length]
         if self.cache is None:
-            logits, _ = self.model(window)
+            logits = self.model(window)
         elif self.cache.length == 0 or self.cache.length >= self.context:
             self.cache.reset()
-            logits, _ = self.model(window, kv_cache=self.cache)
+            logits = self.model(window, kv_cache=self.cache)
         else:
-            logits, _ = self.model(sequence[:, length - 1:length], kv_cache=self.cache)
+            logits = self.model(sequence[:, length - 1:length], kv_cache=self.cache)
         return logits[:, -1]
 
 

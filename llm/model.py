@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm import kernels
 from llm.config import ModelConfig, check_model_config
 
 INIT_STD = 0.02  # GPT-2's init scale for every weight matrix
-FUSED_LOSS_MIN_VOCAB = 1024  # below this the logits are small and the plain output layer + loss is as fast
 
 
 def swiglu_hidden(d_ff: int) -> int:
@@ -59,39 +59,11 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def eager_cpu(x: torch.Tensor) -> bool:
-    """True where the hand-written CPU autograd functions below pay off: on CPU, outside torch.compile
-    (which fuses the plain ops better: measured 22.6k vs 18.0k tok/s at benchmarks/train.py config S)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with ATen's fused forward and a hand-written backward: autograd through the composite
-    op costs ~5x a LayerNorm on CPU, this ~3x (torch has no fused RMSNorm backward on CPU)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)  # rstd (..., 1)
-        ctx.save_for_backward(x, rstd, weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        x, rstd, weight = ctx.saved_tensors
-        x_hat = x * rstd
-        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
-        grad_x_hat = grad * weight
-        dot = torch.linalg.vecdot(grad_x_hat, x_hat).unsqueeze(-1).div_(x.shape[-1])
-        return torch.addcmul(grad_x_hat, x_hat, dot, value=-1).mul_(rstd), grad_weight, None
-
-
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameters and state dict), with the faster fused path on CPU in fp32/bf16."""
+    """nn.RMSNorm (same parameters and state dict) computed by kernels.rms_norm (fused backward on CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not eager_cpu(x) or x.dtype != self.weight.dtype:
-            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -99,56 +71,6 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.d_model, eps=1e-5)
     return nn.LayerNorm(config.d_model, eps=1e-5, bias=config.bias)
-
-
-class _ReLU2Function(torch.autograd.Function):
-    """relu(x)^2 keeping only relu(x) for backward (d/dx = 2 relu(x)): fewer passes than autograd's."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (r,) = ctx.saved_tensors
-        return grad * (r + r)
-
-
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Mean cross-entropy of (x @ weight^T) against targets without materializing the (N, V) logits: rows
-    go through in chunks that stay in cache, and each chunk's gradients (softmax - one-hot) are formed
-    on the spot, so backward only scales them. On CPU this saves ~20% of the output layer + loss time at
-    vocab 10k. Targets equal to -1 are ignored, as in F.cross_entropy(ignore_index=-1)."""
-
-    CHUNK_ROWS = 512
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
-        total, count = x.new_zeros(()), (targets != -1).sum()
-        for start in range(0, x.shape[0], _LinearCrossEntropyFunction.CHUNK_ROWS):
-            rows = slice(start, start + _LinearCrossEntropyFunction.CHUNK_ROWS)
-            chunk, target = x[rows], targets[rows]
-            kept = (target != -1).to(x.dtype)[:, None]  # (n, 1)
-            target = target.clamp(min=0)[:, None]
-            logits = chunk @ weight.t()  # (n, V)
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += ((log_norm - logits.gather(1, target)) * kept).sum()
-            probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
-            probs.scatter_add_(1, target, torch.full_like(kept, -1.0)).mul_(kept)  # d loss_i / d logits_i
-            torch.mm(probs, weight, out=grad_x[rows])
-            grad_weight.addmm_(probs.t(), chunk)
-        count = count.clamp(min=1).to(x.dtype)
-        ctx.save_for_backward(grad_x, grad_weight, count)
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        grad_x, grad_weight, count = ctx.saved_tensors
-        scale = grad / count
-        return grad_x * scale, grad_weight * scale, None
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -166,42 +88,6 @@ def rope_tables(length: int, head_size: int, base: float = 10000.0) -> tuple[tor
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, D/2)
     return angles.cos()[:, None, :], angles.sin()[:, None, :]  # (length, 1, D/2): broadcast over heads
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(x1 cos - x2 sin, x2 cos + x1 sin) for the halves x1, x2 of the last dim, into a new tensor."""
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out1, out2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
-    return out
-
-
-class _RoPEFunction(torch.autograd.Function):
-    """Rotary embedding whose backward is the inverse rotation: nothing saved but the cos/sin tables."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
-
-
-def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Plain-autograd rotation: what torch.compile fuses best on GPUs."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., i], x[..., i + D/2]) by the angles of their positions; cos/sin broadcast to x."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return _RoPEFunction.apply(x, cos, sin) if eager_cpu(x) else rotate_reference(x, cos, sin)
 
 
 class CausalSelfAttention(nn.Module):
@@ -223,7 +109,7 @@ class CausalSelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_size)  # (B, T, 3, H, D)
         q, k, v = qkv.unbind(dim=2)  # each (B, T, H, D), strided views: no copy
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = kernels.apply_rope(q, *rope), kernels.apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask, causal = None, True
         if kv_cache is not None:
@@ -259,8 +145,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
-        if self.activation == "relu2":  # So et al. 2021 (Primer): relu(x)^2; CPU: fewer memory passes
-            h = _ReLU2Function.apply(h) if eager_cpu(h) else torch.relu(h).square()
+        if self.activation == "relu2":  # So et al. 2021 (Primer)
+            h = kernels.relu_squared(h)
         elif self.activation == "gelu":
             h = F.gelu(h, approximate="tanh")
         else:
@@ -284,7 +170,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer language model; forward(idx, targets) -> (logits, mean CE loss or None)."""
+    """Decoder-only transformer language model: forward(idx) -> logits; forward(idx, targets) -> mean loss."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -372,14 +258,12 @@ class GPT(nn.Module):
                        weight.device, dtype or weight.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, return_logits: bool = True
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, V) for token ids idx (B, T); loss = mean cross-entropy (nats) over targets != -1.
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), the mean cross-entropy (nats)
+        over targets != -1 instead, and no logits (kernels.linear_cross_entropy may never build them).
 
         With kv_cache, idx holds positions cache.length .. cache.length + T - 1: their keys/values are
-        appended and cache.length advances by T. return_logits=False (the trainer's call) may skip
-        building the logits: on CPU, training with a large vocabulary then fuses the output layer and
-        the loss (_LinearCrossEntropyFunction) and returns (None, loss).
+        appended and cache.length advances by T.
         """
         B, T = idx.shape
         start = 0
@@ -404,14 +288,6 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.final_norm(x)
-        if (targets is not None and not return_logits and torch.is_grad_enabled() and eager_cpu(x)
-                and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and self.config.vocab_size >= FUSED_LOSS_MIN_VOCAB):
-            return None, _LinearCrossEntropyFunction.apply(x.view(B * T, -1), self.lm_head.weight,
-                                                           targets.reshape(B * T))
-        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
-        return logits, loss
-
+            return self.lm_head(x)  # (B, T, V)
+        return kernels.linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))

@@ -302,7 +302,7 @@ class Trainer:
             syncs = self.ranks.world == 1 or micro == cfg.grad_accum_steps - 1
             with contextlib.nullcontext() if syncs else self.model.no_sync():
                 with autocast(self.precision, self.device):
-                    _, loss = self.model(x, y, return_logits=False)
+                    loss = self.model(x, y)
                 self.scaler.scale(loss / cfg.grad_accum_steps).backward()
             totals[0] += loss.detach().float() * y.numel()
             totals[1] += y.numel()
@@ -334,7 +334,7 @@ class Trainer:
         for starts in self.val_batches[self.ranks.rank::self.ranks.world]:
             x, y = get_batch(self.val_tokens, starts, self.seq_len)
             with autocast(self.precision, self.device):
-                _, loss = self.eval_model(x.to(self.device), y.to(self.device))
+                loss = self.eval_model(x.to(self.device), y.to(self.device))
             totals[0] += loss.float() * y.numel()
             totals[1] += y.numel()
         self.eval_model.train()

@@ -37,8 +37,8 @@ class UniformModel(torch.nn.Module):
         self.config = ModelConfig(vocab_size=vocab_size, max_seq_length=context)
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        return torch.zeros(*idx.shape, self.config.vocab_size) + self.anchor, None
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*idx.shape, self.config.vocab_size) + self.anchor
 
 
 def write_byte_shards(folder: Path, splits: dict[str, str]) -> Path:
@@ -125,7 +125,7 @@ def test_stride_one_scores_each_token_with_its_full_context(tmp_path: Path, wiki
     expected = 0.0
     with torch.no_grad():
         for target in range(1, len(tokens)):
-            logits, _ = model(tokens[max(0, target - 8):target][None])
+            logits = model(tokens[max(0, target - 8):target][None])
             expected -= torch.log_softmax(logits[0, -1], dim=-1)[tokens[target]].item()
     nats, scored = evaluate_split(model, shards, window=8, stride=1, batch_size=5)
     assert scored == len(tokens) - 1
@@ -160,7 +160,7 @@ def make_eval_project(root: Path, text: str, steps: int = 30) -> Path:
     starts = np.random.default_rng(0).integers(0, len(train) - 33, size=(steps, 8))
     for batch in starts:
         windows = torch.from_numpy(np.stack([train.read(int(s), 33) for s in batch]))
-        _, loss = model(windows[:, :-1], windows[:, 1:])
+        loss = model(windows[:, :-1], windows[:, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

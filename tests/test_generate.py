@@ -49,7 +49,7 @@ def test_greedy_is_the_argmax_of_a_full_forward() -> None:
     idx = prompt(batch=1, length=4)
     out = generate(model, idx, max_new_tokens=3, temperature=0)
     for step in range(3):
-        logits, _ = model(out[:, :4 + step])
+        logits = model(out[:, :4 + step])
         assert out[0, 4 + step] == logits[0, -1].argmax()
 
 

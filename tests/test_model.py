@@ -10,7 +10,8 @@ import torch
 
 from llm.config import ModelConfig
 from llm.errors import ConfigError
-from llm.model import GPT, RMSNorm, apply_rope, rope_tables, rotate_reference, swiglu_hidden
+from llm.kernels import apply_rope, eager_cpu, linear_cross_entropy, rotate_half_split
+from llm.model import GPT, RMSNorm, rope_tables, swiglu_hidden
 from llm.optim import make_optimizer
 
 POSITIONS = ("learned", "sinusoidal", "rope")
@@ -38,19 +39,18 @@ def make_model(seed: int = 0, **overrides) -> GPT:
     return GPT(tiny(**overrides)).eval()
 
 
-def test_shapes_and_loss_none_without_targets():
+def test_logits_without_targets_and_a_scalar_loss_with_them():
     model = make_model()
     idx = torch.randint(0, 97, (3, 24))
-    logits, loss = model(idx)
-    assert logits.shape == (3, 24, 97) and loss is None
-    logits, loss = model(idx[:, :5], idx[:, 1:6])
-    assert logits.shape == (3, 5, 97) and loss.shape == ()
+    assert model(idx).shape == (3, 24, 97)
+    loss = model(idx[:, :5], idx[:, 1:6])
+    assert loss.shape == ()
 
 
 def test_untrained_loss_is_near_ln_vocab():
     model = make_model(vocab_size=1000)
     idx = torch.randint(0, 1000, (4, 24))
-    _, loss = model(idx, torch.randint(0, 1000, (4, 24)))
+    loss = model(idx, torch.randint(0, 1000, (4, 24)))
     assert abs(loss.item() - math.log(1000)) < 0.1
 
 
@@ -58,9 +58,9 @@ def test_loss_ignores_minus_one_targets():
     model = make_model()
     idx = torch.randint(0, 97, (2, 10))
     targets = torch.randint(0, 97, (2, 10))
-    logits, _ = model(idx)
+    logits = model(idx)
     targets[0, 3:] = -1
-    _, loss = model(idx, targets)
+    loss = model(idx, targets)
     keep = targets != -1
     expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
     assert torch.allclose(loss, expected, atol=1e-6)
@@ -75,8 +75,8 @@ def test_causality(position, norm, activation):
     idx = torch.randint(0, 97, (2, 20))
     changed = idx.clone()
     changed[:, 12] = (changed[:, 12] + 1) % 97
-    before, _ = model(idx)
-    after, _ = model(changed)
+    before = model(idx)
+    after = model(changed)
     assert torch.allclose(before[:, :12], after[:, :12], atol=1e-6)
     assert not torch.allclose(before[:, 12:], after[:, 12:], atol=1e-4)
 
@@ -85,15 +85,15 @@ def test_causality(position, norm, activation):
 def test_kv_cache_matches_full_forward(position, norm, activation):
     model = make_model(position=position, norm=norm, activation=activation)
     idx = torch.randint(0, 97, (2, 24))
-    full, _ = model(idx)
+    full = model(idx)
     cache = model.new_kv_cache(batch_size=2)
-    pieces = [model(idx[:, :7], kv_cache=cache)[0], model(idx[:, 7:11], kv_cache=cache)[0]]  # prefill + chunk
-    pieces += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(11, 24)]
+    pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:11], kv_cache=cache)]  # prefill + chunk
+    pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(11, 24)]
     assert cache.length == 24
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     cache.reset()
     assert cache.length == 0
-    torch.testing.assert_close(model(idx[:, :3], kv_cache=cache)[0], full[:, :3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(idx[:, :3], kv_cache=cache), full[:, :3], atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_overflow_and_too_long_input_raise():
@@ -175,7 +175,7 @@ def test_training_on_a_repeated_sequence_reduces_loss(position, norm, activation
     idx, targets = pattern[:-1].repeat(4, 1), pattern[1:].repeat(4, 1)
     losses = []
     for _ in range(30):
-        _, loss = model(idx, targets)
+        loss = model(idx, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -186,17 +186,17 @@ def test_training_on_a_repeated_sequence_reduces_loss(position, norm, activation
 def test_dropout_is_active_in_train_mode_only():
     model = make_model(dropout=0.5)
     idx = torch.randint(0, 97, (2, 10))
-    torch.testing.assert_close(model(idx)[0], model(idx)[0])
+    torch.testing.assert_close(model(idx), model(idx))
     model.train()
-    assert not torch.allclose(model(idx)[0], model(idx)[0])
+    assert not torch.allclose(model(idx), model(idx))
 
 
 def test_bf16_autocast_forward_runs_and_stays_close():
     model = make_model()
     idx = torch.randint(0, 97, (2, 16))
-    _, loss32 = model(idx, idx)
+    loss32 = model(idx, idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss16 = model(idx, idx)
+        loss16 = model(idx, idx)
     assert loss16.dtype == torch.float32
     assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
 
@@ -227,7 +227,7 @@ def test_rope_and_relu2_gradients_are_exact():
     x = torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True)  # (B, T, H, D)
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))
     rotated = apply_rope(x.detach(), cos.double(), sin.double())
-    torch.testing.assert_close(rotated, rotate_reference(x.detach(), cos.double(), sin.double()))
+    torch.testing.assert_close(rotated, rotate_half_split(x.detach(), cos.double(), sin.double()))
     torch.testing.assert_close(rotated.norm(dim=-1), x.detach().norm(dim=-1))  # a rotation keeps lengths
     mlp = make_model(activation="relu2").double().blocks[0].mlp
     h = torch.randn(1, 2, 32, dtype=torch.float64, requires_grad=True)
@@ -237,8 +237,6 @@ def test_rope_and_relu2_gradients_are_exact():
 def test_compiled_model_takes_plain_ops_and_matches_eager():
     """Under torch.compile the hand-written CPU autograd functions step aside (inductor fuses plain ops
     better); the compiled forward and backward agree with eager."""
-    from llm.model import eager_cpu
-
     assert torch.compile(lambda x: x + eager_cpu(x))(torch.zeros(1)).item() == 0.0
     assert eager_cpu(torch.zeros(1))
     model = make_model(position="rope", norm="rmsnorm", activation="relu2")
@@ -247,7 +245,7 @@ def test_compiled_model_takes_plain_ops_and_matches_eager():
     losses, grads = [], []
     for net in (model, compiled):
         model.zero_grad(set_to_none=True)
-        loss = net(idx[:, :-1], idx[:, 1:])[1]
+        loss = net(idx[:, :-1], idx[:, 1:])
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -257,24 +255,25 @@ def test_compiled_model_takes_plain_ops_and_matches_eager():
 
 
 def test_fused_output_loss_gives_the_plain_loss_and_gradients():
-    """return_logits=False on CPU fuses the output layer and loss in row chunks: same numbers as logits
-    + F.cross_entropy, including ignored (-1) targets and a last chunk shorter than the others."""
-    model = make_model(vocab_size=1024, max_seq_length=250).train()
-    generator = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 1024, (3, 251), generator=generator)
-    targets = idx[:, 1:].clone()
-    targets[0, :7] = -1  # e.g. padding
+    """Training on CPU fuses the output layer and loss in row chunks (no (N, V) logits): the same loss and
+    gradients as logits + F.cross_entropy, including ignored (-1) targets and a short last chunk."""
+    torch.manual_seed(0)
+    x = torch.randn(750, 32, requires_grad=True)
+    weight = (0.1 * torch.randn(1024, 32)).requires_grad_()
+    targets = torch.randint(0, 1024, (750,))
+    targets[:7] = -1  # e.g. padding
     results = []
-    for return_logits in (True, False):
-        model.zero_grad(set_to_none=True)
-        logits, loss = model(idx[:, :-1], targets, return_logits=return_logits)
+    for fused in (False, True):
+        x.grad = weight.grad = None
+        if fused:
+            loss = linear_cross_entropy(x, weight, targets)
+        else:
+            loss = torch.nn.functional.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
         loss.mul(3.0).backward()  # an upstream gradient other than 1 (as GradScaler gives)
-        results.append((logits, loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (plain_logits, plain_loss, plain_grads), (fused_logits, fused_loss, fused_grads) = results
-    assert plain_logits.shape == (3, 250, 1024) and fused_logits is None
+        results.append((loss.detach(), x.grad.clone(), weight.grad.clone()))
+    (plain_loss, *plain_grads), (fused_loss, *fused_grads) = results
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
     for fused, plain in zip(fused_grads, plain_grads):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-7)
-    with torch.no_grad():  # evaluation keeps the logits
-        logits, loss = model(idx[:, :-1], targets, return_logits=False)
-    assert logits is not None and loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
+    with torch.no_grad():  # evaluation takes the plain path and gives the same number
+        assert linear_cross_entropy(x, weight, targets).item() == pytest.approx(plain_loss.item(), rel=1e-6)

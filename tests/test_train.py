@@ -119,7 +119,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project, train={"checkpoint_interval": 3})
-    fail_forward_at(monkeypatch, 7, lambda logits, loss: (logits, loss * float("nan")))
+    fail_forward_at(monkeypatch, 7, lambda loss: loss * float("nan"))
     expected = r"loss became nan at step 7; lower train.learning_rate.*step 6\) is kept"
     with pytest.raises(LLMError, match=expected):
         train(params, **outputs(project))

@@ -125,17 +125,17 @@ def fail_forward_at(monkeypatch: pytest.MonkeyPatch, call: int, make_failure: Ca
     """Make the `call`-th training forward pass (1-based) misbehave."""
     forward, calls = llm.model.GPT.forward, [0]
 
-    def patched(self, idx, targets=None, kv_cache=None, return_logits=True):
-        logits, loss = forward(self, idx, targets, kv_cache, return_logits)
+    def patched(self, idx, targets=None, kv_cache=None):
+        loss = forward(self, idx, targets, kv_cache)
         if self.training:
             calls[0] += 1
             if calls[0] == call:
-                return make_failure(logits, loss)
-        return logits, loss
+                return make_failure(loss)
+        return loss
 
     monkeypatch.setattr(llm.model.GPT, "forward", patched)
 
 
-def raise_stop(logits: torch.Tensor, loss: torch.Tensor) -> None:
+def raise_stop(loss: torch.Tensor) -> None:
     """A failure for fail_forward_at: as if the user pressed Ctrl-C."""
     raise KeyboardInterrupt
