@@ -1,7 +1,7 @@
 """Fast paths for the model's elementwise ops and its output layer + loss, each with one plain fallback.
 
 model.py calls the four functions at the bottom (`rms_norm`, `relu_squared`,
-`apply_rope`, `linear_cross_entropy`); each picks its own implementation, so
+`qkv_heads`, `linear_cross_entropy`); each picks its own implementation, so
 the model never branches on device or dtype. On CPU, outside torch.compile,
 hand-written autograd functions save memory passes that autograd through the
 composite ops would make. Everywhere else (GPUs, and under torch.compile, whose
@@ -55,31 +55,45 @@ class _ReLU2Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (r,) = ctx.saved_tensors
-        return grad * (r + r)
+        return torch.mul(grad, r).mul_(2.0)  # the same bits as grad * (r + r), one allocation fewer
 
 
-def _rotate_into_new(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(x1 cos - x2 sin, x2 cos + x1 sin) for the halves x1, x2 of the last dim, into one new tensor."""
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """(x2, x1) for the halves x1, x2 of the last dim; with signed sin tables RoPE is x cos + swap(x) sin."""
     x1, x2 = x.chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out1, out2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
-    return out
+    return torch.cat((x2, x1), dim=-1)
 
 
-class _RoPEFunction(torch.autograd.Function):
-    """Rotary embedding whose backward is the inverse rotation: nothing saved but the cos/sin tables."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in plain autograd ops, x cos + swap(x) sin: the GPU and torch.compile path (inductor fuses it)."""
+    return x * cos + swap_halves(x) * sin
+
+
+class _QKVRoPEFunction(torch.autograd.Function):
+    """Split the fused QKV projection into heads and rotate q and k, writing q, k and v into one new
+    tensor; backward is the inverse rotation (nothing saved but the tables) and writes the three
+    gradients straight into the projection's gradient, so no stack of dq, dk, dv follows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = qkv.shape
+        heads = qkv.view(B, T, 3, num_heads, -1)
+        qk = heads[:, :, :2]
+        rotated = torch.mul(qk, cos[:, None]).addcmul_(swap_halves(qk), sin[:, None])  # (B, T, 2, H, D)
         ctx.save_for_backward(cos, sin)
-        return _rotate_into_new(x, cos, sin)
+        return *rotated.unbind(2), heads[:, :, 2]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
+                 ) -> tuple[torch.Tensor, None, None, None]:
         cos, sin = ctx.saved_tensors
-        return _rotate_into_new(grad, cos, -sin), None, None
+        B, T, H, D = dv.shape
+        grad = torch.empty(B, T, 3, H, D, dtype=dv.dtype, device=dv.device)
+        for slot, g in enumerate((dq, dk)):  # the inverse rotation: angle -theta
+            torch.mul(g, cos, out=grad[:, :, slot]).addcmul_(swap_halves(g), sin, value=-1)
+        grad[:, :, 2] = dv
+        return grad.view(B, T, 3 * H * D), None, None, None
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -129,16 +143,18 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return _ReLU2Function.apply(x) if eager_cpu(x) else torch.relu(x).square()
 
 
-def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotation in plain autograd ops: the GPU and torch.compile path, which inductor fuses."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., i], x[..., i + D/2]) by the angles of their positions; cos/sin broadcast to x."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return _RoPEFunction.apply(x, cos, sin) if eager_cpu(x) else rotate_half_split(x, cos, sin)
+def qkv_heads(qkv: torch.Tensor, num_heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, T, H, D) from the fused projection (B, T, 3 H D); with rope = (cos, sin) tables
+    (T, 1, D) from model.rope_tables, q and k rotated by their positions' angles."""
+    B, T, _ = qkv.shape
+    if rope is None:
+        return qkv.view(B, T, 3, num_heads, -1).unbind(2)  # strided views: no copy
+    cos, sin = (table.to(qkv.dtype) for table in rope)
+    if eager_cpu(qkv):
+        return _QKVRoPEFunction.apply(qkv, cos, sin, num_heads)
+    q, k, v = qkv.view(B, T, 3, num_heads, -1).unbind(2)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

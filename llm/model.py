@@ -84,10 +84,17 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 
 
 def rope_tables(length: int, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables for rotary embeddings (Su et al. 2021, RoFormer), half-split layout."""
+    """Rotary embedding tables (Su et al. 2021, RoFormer), half-split pairs (x[i], x[i + D/2]): cos as
+    [cos | cos] and sin signed as [-sin | sin], so the rotation is x cos + swap_halves(x) sin."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, D/2)
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]  # (length, 1, D/2): broadcast over heads
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]  # (length, 1, D)
+
+
+def dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity when p is 0: no call into torch's dropout on every step."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,15 +108,12 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.residual_projection = True  # scaled init, see GPT._init_weights
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_size)  # (B, T, 3, H, D)
-        q, k, v = qkv.unbind(dim=2)  # each (B, T, H, D), strided views: no copy
-        if rope is not None:
-            q, k = kernels.apply_rope(q, *rope), kernels.apply_rope(k, *rope)
+        q, k, v = kernels.qkv_heads(self.qkv(x), self.num_heads, rope)  # each (B, T, H, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask, causal = None, True
         if kv_cache is not None:
@@ -127,7 +131,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: d_model -> d_ff -> d_model with GELU (tanh, as GPT-2), ReLU^2 or SwiGLU.
+    """Position-wise MLP: d_model -> d_ff -> d_model with GELU, ReLU^2 or SwiGLU.
+
+    GELU is the exact (erf) form, as in nanoGPT and torch's default: ATen's tanh approximation (GPT-2's)
+    costs ~4x more per element on CPU (0.69 vs 0.16 ms forward at 768 x 512, one thread).
 
     SwiGLU has three matrices, so its hidden width is swiglu_hidden(d_ff) ~ 2/3 d_ff to keep the
     parameter count and FLOPs of the two-matrix variants (Shazeer 2020, as in LLaMA).
@@ -141,14 +148,14 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(config.d_model, widen, bias=config.bias)
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.down.residual_projection = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         if self.activation == "relu2":  # So et al. 2021 (Primer)
             h = kernels.relu_squared(h)
         elif self.activation == "gelu":
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h)
         else:
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
@@ -186,7 +193,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.max_seq_length, config.d_model // config.num_heads)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -281,7 +288,7 @@ class GPT(nn.Module):
         elif self.config.position == "sinusoidal":
             x = x + self.position_table[start:start + T]
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, 1, D/2) each
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, 1, D) each
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rope, kv_cache)

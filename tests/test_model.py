@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from llm import kernels
 from llm.config import ModelConfig
 from llm.errors import ConfigError
-from llm.kernels import apply_rope, eager_cpu, linear_cross_entropy, rotate_half_split
+from llm.kernels import eager_cpu, linear_cross_entropy, qkv_heads
 from llm.model import GPT, RMSNorm, rope_tables, swiglu_hidden
 from llm.optim import make_optimizer
 
@@ -222,13 +223,26 @@ def test_fast_rmsnorm_matches_torch_and_its_gradients_are_exact():
     assert torch.autograd.gradcheck(norm64, (x64,))
 
 
-def test_rope_and_relu2_gradients_are_exact():
+def test_rope_rotates_pairs_by_position_and_the_fast_split_matches_the_plain_one():
+    """RoPE rotates each pair (x[i], x[i + D/2]) by position * theta_i; the CPU fast path (one autograd
+    function for the split and both rotations) gives the plain ops' values and exact gradients."""
     cos, sin = rope_tables(6, 8)
-    x = torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True)  # (B, T, H, D)
-    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))
-    rotated = apply_rope(x.detach(), cos.double(), sin.double())
-    torch.testing.assert_close(rotated, rotate_half_split(x.detach(), cos.double(), sin.double()))
-    torch.testing.assert_close(rotated.norm(dim=-1), x.detach().norm(dim=-1))  # a rotation keeps lengths
+    qkv = torch.randn(2, 6, 3 * 2 * 8, dtype=torch.float64, requires_grad=True)  # (B, T, 3 H D), H = 2
+    fast = qkv_heads(qkv, 2, (cos, sin))
+    q, k, v = qkv.detach().view(2, 6, 3, 2, 8).unbind(2)
+    theta = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    angle = torch.arange(6, dtype=torch.float64)[:, None, None] * theta  # (T, 1, D/2)
+    for x, rotated in ((q, fast[0]), (k, fast[1])):
+        x1, x2 = x[..., :4], x[..., 4:]
+        by_hand = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), -1)
+        torch.testing.assert_close(rotated, by_hand)
+        torch.testing.assert_close(rotated, kernels.rotate(x, cos.double(), sin.double()))  # the plain path
+    torch.testing.assert_close(fast[2], v)
+    assert torch.autograd.gradcheck(lambda t: qkv_heads(t, 2, (cos, sin)), (qkv,))
+    assert [t.shape for t in qkv_heads(qkv, 2, None)] == [(2, 6, 2, 8)] * 3
+
+
+def test_relu2_gradients_are_exact():
     mlp = make_model(activation="relu2").double().blocks[0].mlp
     h = torch.randn(1, 2, 32, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(mlp, (h,))
