@@ -124,8 +124,8 @@ class CausalSelfAttention(nn.Module):
                 if T > 1:
                     key_pos = torch.arange(past + T, device=x.device)
                     mask = key_pos[None, :] <= (key_pos[past:, None])  # (T, S), True = attend
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        y = kernels.attention(q, k.to(q.dtype), v.to(q.dtype), mask, self.dropout if self.training else 0.0,
+                              causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.proj(y))
 

@@ -300,3 +300,22 @@ def test_fused_output_loss_gives_the_plain_loss_and_gradients(precision):
     with torch.no_grad():  # evaluation takes the plain path and gives the same number
         assert linear_cross_entropy(x, weight, targets).item() == pytest.approx(
             torch.nn.functional.cross_entropy(x @ weight.t(), targets, ignore_index=-1).item(), rel=1e-6)
+
+
+def test_bf16_attention_backward_matches_torch_and_is_exact_in_float64():
+    """Causal attention in bf16 on CPU recomputes its weights in backward (kernels.attention): the gradients
+    are exact in float64 (gradcheck) and agree with torch's flash backward in bf16 to bf16's rounding."""
+    q, k, v = (torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(kernels._CausalAttentionFunction.apply, (q, k, v))
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, 2, 4, 40, 16, generator=generator).bfloat16().requires_grad_()  # 3 x (B, H, T, D)
+    upstream = torch.randn(2, 4, 40, 16, generator=generator).bfloat16()
+    grads, paths = [], []
+    for attend in (kernels.attention, torch.nn.functional.scaled_dot_product_attention):
+        qkv.grad = None
+        out = attend(*qkv, None, 0.0, True) if attend is kernels.attention else attend(*qkv, is_causal=True)
+        out.backward(upstream)
+        grads.append(qkv.grad.float())
+        paths.append(type(out.grad_fn).__name__)
+    assert paths[0] == "_CausalAttentionFunctionBackward" != paths[1]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=2e-2 * grads[1].abs().max().item())
