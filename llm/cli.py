@@ -67,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Load checkpoint and tokenizer (hashes must match), then stream `num_samples` continuations."""
     from llm.checkpoint import load_model_file
     from llm.generate import check_tokenizer_matches, generate, sampling_options, token_tensor
-    from llm.hardware import resolve_device
+    from llm.hardware import resolve_device, set_threads
     from llm.tokenizers import load_tokenizer
 
     if not args.prompt:
@@ -81,6 +81,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} = {value}: out of range (see `llm generate --help`)")
     device = resolve_device(args.device)
     model, payload = load_model_file(args.checkpoint, device)
+    set_threads(args.threads, model, device)
     check_tokenizer_matches(args.tokenizer, payload, args.checkpoint)
     tokenizer = load_tokenizer(args.tokenizer)
     prompt_ids = tokenizer.encode(args.prompt)
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models/model.pt or a training checkpoint such as checkpoints/best_model.pt")
     g.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer the checkpoint used")
     g.add_argument("--device", default=runtime.device, choices=("auto", "cuda", "mps", "cpu"))
+    g.add_argument("--threads", type=int, default=runtime.threads,
+                   help="CPU threads (0 = auto: 1 for models under 10M parameters, else all cores)")
     g.set_defaults(func=cmd_generate)
     info = commands.add_parser("info", help="print a checkpoint's config, size, step and metrics")
     info.add_argument("checkpoint", help="models/model.pt or a checkpoints/*.pt file")

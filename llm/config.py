@@ -152,7 +152,11 @@ class RuntimeConfig:
     """`runtime`: knobs that do not change results; no stage declares them."""
 
     device: str = _knob("auto", choices=("auto", "cuda", "mps", "cpu"), doc="where to train and evaluate")
-    precision: str = _knob("auto", choices=("auto", "fp32", "bf16", "fp16"), doc="autocast precision")
+    precision: str = _knob("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                           doc="autocast precision; auto: bf16 on GPUs with it and on CPUs with native bf16 "
+                               "(AMX, AVX512-BF16) from d_model 128, else fp32")
+    threads: int = _knob(0, low=0, doc="CPU threads; 0 = auto: 1 for models under 10M parameters (much "
+                                       "faster on a small or shared CPU), else all cores")
     compile: bool = _knob(False, doc="torch.compile the model")
     num_workers: int = _knob(0, low=0, doc="encode processes (0: all cores)")
     log_interval: int = _knob(10, low=1, doc="log training metrics every N steps")

@@ -30,7 +30,7 @@ from llm.checkpoint import MODEL_FORMAT_VERSION, read_checkpoint, save_model_fil
 from llm.config import Params, TrainConfig, section_dict
 from llm.errors import CheckpointError, ConfigError, DataError, LLMError
 from llm.fingerprint import Fingerprint, describe_changes, dict_changes, make_fingerprint
-from llm.hardware import autocast, mfu, resolve_device, resolve_precision
+from llm.hardware import autocast, mfu, resolve_device, resolve_precision, set_threads
 from llm.io import sha256_file, write_json_atomic
 from llm.model import GPT
 from llm.optim import make_optimizer
@@ -108,10 +108,11 @@ class Trainer:
         self.params, self.cfg, self.device, self.ranks = params, params.train, device, ranks
         self.shards_dir, self.checkpoint_dir = shards_dir, checkpoint_dir
         self.model_path, self.metrics_dir = model_path, metrics_dir
-        self.precision = resolve_precision(params.runtime.precision, device)
+        self.precision = resolve_precision(params.runtime.precision, device, params.model.d_model)
         self._setup_data(tokenizer_path)
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank and every run
         self.raw_model = GPT(self.model_config).to(self.device)
+        set_threads(params.runtime.threads, self.raw_model, self.device)
         self.optimizer = make_optimizer(self.raw_model, self.cfg.learning_rate, self.cfg.weight_decay,
                                         (self.cfg.beta1, self.cfg.beta2), self.device,
                                         optimizer=self.cfg.optimizer, muon_lr=self.cfg.muon_lr)

@@ -9,7 +9,7 @@ from llm.checkpoint import load_model_file
 from llm.config import load_params
 from llm.evaluate import evaluate_splits, samples_report
 from llm.generate import check_tokenizer_matches
-from llm.hardware import autocast, resolve_device, resolve_precision
+from llm.hardware import autocast, resolve_device, resolve_precision, set_threads
 from llm.io import write_json_atomic, write_text_atomic
 from llm.plots import plot_loss, run_title
 from llm.shards import read_meta
@@ -23,8 +23,9 @@ TRAIN_LOG, VAL_LOG = Path("metrics/train_log.tsv"), Path("metrics/val_log.tsv")
 def main() -> None:
     params = load_params()
     device = resolve_device(params.runtime.device)
-    precision = resolve_precision(params.runtime.precision, device)
     model, payload = load_model_file(MODEL, device)
+    precision = resolve_precision(params.runtime.precision, device, model.config.d_model)
+    set_threads(params.runtime.threads, model, device)
     shards_meta = read_meta(SHARDS)
     check_tokenizer_matches(TOKENIZER, payload, MODEL)
     check_tokenizer_matches(TOKENIZER, shards_meta, SHARDS / "meta.json")

@@ -9,7 +9,16 @@ import torch
 
 from llm import hardware
 from llm.errors import ConfigError
-from llm.hardware import autocast, mfu, peak_flops, peak_flops_for_name, resolve_device, resolve_precision
+from llm.hardware import (
+    autocast,
+    mfu,
+    peak_flops,
+    peak_flops_for_name,
+    resolve_device,
+    resolve_precision,
+    resolve_threads,
+    set_threads,
+)
 
 CPU = torch.device("cpu")
 
@@ -46,6 +55,48 @@ def test_resolve_precision_on_cpu():
         resolve_precision("fp16", CPU)
     with pytest.raises(ConfigError, match="must be one of"):
         resolve_precision("int8", CPU)
+
+
+@pytest.mark.parametrize("native_bf16,d_model,expected", [
+    (True, 512, "bf16"), (True, 128, "bf16"), (True, 64, "fp32"), (False, 512, "fp32"), (True, None, "fp32")])
+def test_auto_precision_on_cpu_is_bf16_for_large_models_on_bf16_hardware(monkeypatch, native_bf16, d_model,
+                                                                          expected):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve_precision("auto", CPU, d_model) == expected
+    assert resolve_precision("fp32", CPU, d_model) == "fp32"  # an explicit choice always wins
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": True},
+                        raising=False)
+    assert hardware.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True}, raising=False)
+    assert not hardware.cpu_has_native_bf16()
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)  # older torch: Linux's flags
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(hardware, "CPUINFO", str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    assert hardware.cpu_has_native_bf16()
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
+    assert not hardware.cpu_has_native_bf16()
+    monkeypatch.setattr(hardware, "CPUINFO", str(tmp_path / "missing"))
+    assert not hardware.cpu_has_native_bf16()
+
+
+def test_threads_auto_is_one_for_small_models_and_all_cores_for_large(monkeypatch):
+    assert resolve_threads(0, 500_000) == 1
+    assert resolve_threads(0, 50_000_000) == hardware.DEFAULT_THREADS
+    assert resolve_threads(3, 500_000) == 3  # an explicit count always wins
+    with pytest.raises(ConfigError, match="runtime.threads = -1"):
+        resolve_threads(-1, 1)
+    before = torch.get_num_threads()
+    try:
+        small = torch.nn.Linear(4, 4)
+        assert set_threads(0, small, CPU) == 1 == torch.get_num_threads()
+        torch.set_num_threads(2)
+        assert set_threads(0, small, torch.device("cuda")) == 2  # a GPU run keeps torch's threads
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bf16_ok,expected", [(True, "bf16"), (False, "fp16")])
