@@ -159,11 +159,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             chunk, target = xc[rows], targets[rows]
             kept = (target != -1).float()[:, None]  # (n, 1)
             target = target.clamp(min=0)[:, None]
-            logits = (chunk @ wc.t()).float()  # (n, V)
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += ((log_norm - logits.gather(1, target)) * kept).sum()
-            probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
-            probs.scatter_add_(1, target, torch.full_like(kept, -1.0)).mul_(kept)  # d loss_i / d logits_i
+            log_probs = torch.log_softmax((chunk @ wc.t()).float(), dim=-1)  # (n, V)
+            total -= (log_probs.gather(1, target) * kept).sum()
+            probs = log_probs.exp_().scatter_add_(1, target, -kept)  # d loss_i / d logits_i
+            if not bool(kept.all()):
+                probs.mul_(kept)  # ignored rows have no gradient
             if low:
                 grad_logits[rows] = probs
                 grad_x[rows] = grad_logits[rows] @ wc
