@@ -69,6 +69,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + swap_halves(x) * sin
 
 
+def _split_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k rotated into one new tensor (B, T, 2, H, D), v a view of qkv: each (B, T, H, D)."""
+    B, T, _ = qkv.shape
+    heads = qkv.view(B, T, 3, num_heads, -1)
+    qk = heads[:, :, :2]
+    rotated = torch.mul(qk, cos[:, None]).addcmul_(swap_halves(qk), sin[:, None])
+    return *rotated.unbind(2), heads[:, :, 2]
+
+
 class _QKVRoPEFunction(torch.autograd.Function):
     """Split the fused QKV projection into heads and rotate q and k, writing q, k and v into one new
     tensor; backward is the inverse rotation (nothing saved but the tables) and writes the three
@@ -77,12 +87,8 @@ class _QKVRoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, _ = qkv.shape
-        heads = qkv.view(B, T, 3, num_heads, -1)
-        qk = heads[:, :, :2]
-        rotated = torch.mul(qk, cos[:, None]).addcmul_(swap_halves(qk), sin[:, None])  # (B, T, 2, H, D)
         ctx.save_for_backward(cos, sin)
-        return *rotated.unbind(2), heads[:, :, 2]
+        return _split_rotate(qkv, cos, sin, num_heads)
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
@@ -192,7 +198,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2 (So et al. 2021, Primer)."""
-    return _ReLU2Function.apply(x) if eager_cpu(x) else torch.relu(x).square()
+    if eager_cpu(x) and torch.is_grad_enabled():
+        return _ReLU2Function.apply(x)
+    return torch.relu(x).square()
 
 
 def qkv_heads(qkv: torch.Tensor, num_heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None
@@ -203,8 +211,8 @@ def qkv_heads(qkv: torch.Tensor, num_heads: int, rope: tuple[torch.Tensor, torch
     if rope is None:
         return qkv.view(B, T, 3, num_heads, -1).unbind(2)  # strided views: no copy
     cos, sin = (table.to(qkv.dtype) for table in rope)
-    if eager_cpu(qkv):
-        return _QKVRoPEFunction.apply(qkv, cos, sin, num_heads)
+    if eager_cpu(qkv):  # without autograd (generation), no autograd function's overhead either
+        return (_QKVRoPEFunction.apply if torch.is_grad_enabled() else _split_rotate)(qkv, cos, sin, num_heads)
     q, k, v = qkv.view(B, T, 3, num_heads, -1).unbind(2)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
