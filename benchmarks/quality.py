@@ -1,14 +1,19 @@
-"""Quality per compute: validation bits per byte of model variants after a fixed wall-clock training budget.
+"""Quality per compute: validation bits per byte of model variants after a fixed training budget.
 
 Tiny Shakespeare, our byte-level BPE (vocab 1024) fitted on the first 90%, validation = the last 10%,
-scored on the whole split in non-overlapping windows. Each variant trains for --seconds with AdamW and a
-time-based warmup + cosine schedule, so cheaper variants get more steps, as they would in a real budget.
+scored on the whole split in non-overlapping windows (in fp32). Each variant trains on random windows
+with a warmup + cosine schedule over its budget: --seconds of wall (or --cpu-time) time, so cheaper
+variants get more steps as they would in a real budget, or exactly --steps steps, which a busy machine
+cannot distort (tune with steps; time the steps a budget buys on a quiet machine).
+Defaults are the README's CPU recommendation: the 2-layer d_model 128 model, Muon, runtime.precision
+and runtime.threads auto (bf16 on CPUs with native bf16, one thread for a model this small).
 
-    python benchmarks/quality.py --seconds 55 --variants rope,rmsnorm,relu2 learned,layernorm,gelu
-    python benchmarks/quality.py --seconds 55 --optimizers adamw muon --layers 2 --batch 16 --lr 4e-3
+    python benchmarks/quality.py                          # 55 s of training per run, as the README table
+    python benchmarks/quality.py --steps 900 --seeds 1 2 3 --precisions fp32 bf16   # bf16 vs fp32 loss
+    python benchmarks/quality.py --variants rope,rmsnorm,relu2 learned,layernorm,gelu --optimizers adamw
 
-Variants are position,norm,activation[,untied][,bias]; every variant runs with every optimizer.
-The last line is JSON.
+Variants are position,norm,activation[,untied][,bias]; every variant runs with every optimizer,
+precision and seed. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from llm.config import ModelConfig
+from llm.hardware import autocast, resolve_precision, resolve_threads
 from llm.model import GPT
 from llm.optim import make_optimizer
+
+CPU = torch.device("cpu")
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -71,70 +79,86 @@ def valid_bits_per_byte(model: GPT, valid: torch.Tensor, num_bytes: int, seq: in
     return total / math.log(2) / num_bytes
 
 
-def train_for(config: ModelConfig, train: torch.Tensor, seconds: float, batch: int, lr: float,
-              optimizer_name: str = "adamw", muon_lr: float = 0.02, clock=time.perf_counter,
-              warmup_fraction: float = 0.05, seed: int = 1337) -> tuple[GPT, int]:
-    """Train on random windows for `seconds` of `clock`; lr follows warmup + cosine over elapsed time."""
+def train_for(config: ModelConfig, train: torch.Tensor, batch: int, lr: float, *, seconds: float = 0.0,
+              steps: int = 0, optimizer_name: str = "muon", muon_lr: float = 0.02, precision: str = "fp32",
+              clock=time.perf_counter, warmup_fraction: float = 0.05, min_lr_fraction: float = 0.1,
+              seed: int = 1337) -> tuple[GPT, int, float]:
+    """Train on random windows for `steps` steps, or else `seconds` of `clock`; the rate warms up over
+    the first warmup_fraction of the budget, then follows a cosine down to min_lr_fraction of the peak.
+    Returns the model, the steps taken and the seconds of `clock` they took."""
     torch.manual_seed(seed)
     model = GPT(config)
     optimizer = make_optimizer(model, lr=lr, weight_decay=0.1, betas=(0.9, 0.95), device="cpu",
                                optimizer=optimizer_name, muon_lr=muon_lr)
     seq = config.max_seq_length
-    start, steps = clock(), 0
-    while (elapsed := clock() - start) < seconds:
-        progress = elapsed / seconds
-        scale = progress / warmup_fraction if progress < warmup_fraction else \
-            0.1 + 0.45 * (1 + math.cos(math.pi * (progress - warmup_fraction) / (1 - warmup_fraction)))
+    start, step = clock(), 0
+    while (progress := step / steps if steps else (clock() - start) / seconds) < 1:
+        if progress < warmup_fraction:
+            scale = progress / warmup_fraction
+        else:
+            cosine = 0.5 * (1 + math.cos(math.pi * (progress - warmup_fraction) / (1 - warmup_fraction)))
+            scale = min_lr_fraction + (1 - min_lr_fraction) * cosine
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * scale
         offsets = torch.randint(0, len(train) - seq - 1, (batch,))
         chunk = torch.stack([train[o:o + seq + 1] for o in offsets])
-        loss = model(chunk[:, :-1], chunk[:, 1:])
+        with autocast(precision, CPU):
+            loss = model(chunk[:, :-1], chunk[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        steps += 1
-    return model, steps
+        step += 1
+    return model, step, clock() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["rope,layernorm,relu2", "learned,layernorm,gelu"])
+    parser.add_argument("--variants", nargs="+", default=["rope,layernorm,relu2"])
     parser.add_argument("--optimizers", nargs="+", default=["muon"], choices=["muon", "adamw"])
-    parser.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak rate (train.muon_lr)")
-    parser.add_argument("--seconds", type=float, default=55.0)
+    parser.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                        help="training autocast precision (runtime.precision); auto as the trainer picks it")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1337])
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--seconds", type=float, default=55.0, help="training budget per run")
+    budget.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead")
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--d-ff", type=int, default=512)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--lr", type=float, default=4e-3, help="AdamW's peak rate (train.learning_rate)")
+    parser.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak rate (train.muon_lr)")
+    parser.add_argument("--min-lr-fraction", type=float, default=0.1, help="final rate / peak rate")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: auto, as runtime.threads)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="budget in process CPU seconds, not wall time (fair on a busy machine)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     train, valid, vocab, valid_bytes = encode_corpus(CORPUS, args.vocab)
-    print(f"train {len(train):,} tokens, valid {len(valid):,} tokens / {valid_bytes:,} bytes, vocab {vocab}, "
-          f"{torch.get_num_threads()} threads", flush=True)
     results = {}
     clock = time.process_time if args.cpu_time else time.perf_counter
     for variant in args.variants:
         config = ModelConfig(vocab_size=vocab, d_model=args.d_model, num_heads=args.heads,
                              num_layers=args.layers, d_ff=args.d_ff, max_seq_length=args.seq, dropout=0.0,
                              **parse_variant(variant))
+        torch.set_num_threads(resolve_threads(args.threads, GPT(config).num_params()))
+        print(f"train {len(train):,} tokens, valid {len(valid):,} tokens / {valid_bytes:,} bytes, "
+              f"vocab {vocab}, {torch.get_num_threads()} threads", flush=True)
         for optimizer in args.optimizers:
-            model, steps = train_for(config, train, args.seconds, args.batch, args.lr, optimizer,
-                                     args.muon_lr, clock)
-            bpb = valid_bits_per_byte(model, valid, valid_bytes, args.seq, batch=32)
-            name = f"{variant} {optimizer}"
-            results[name] = {"valid_bpb": round(bpb, 4), "steps": steps}
-            print(f"  {name:38s} {steps:5d} steps in {args.seconds:.0f} s  valid {bpb:.4f} bits/byte",
-                  flush=True)
+            for precision in (resolve_precision(p, CPU, args.d_model) for p in args.precisions):
+                for seed in args.seeds:
+                    model, steps, seconds = train_for(
+                        config, train, args.batch, args.lr, seconds=args.seconds, steps=args.steps,
+                        optimizer_name=optimizer, muon_lr=args.muon_lr, precision=precision, clock=clock,
+                        min_lr_fraction=args.min_lr_fraction, seed=seed)
+                    bpb = valid_bits_per_byte(model, valid, valid_bytes, args.seq, batch=32)
+                    name = f"{variant} {optimizer} {precision} seed {seed}"
+                    results[name] = {"valid_bpb": round(bpb, 4), "steps": steps, "seconds": round(seconds, 1),
+                                     "ms_per_step": round(1e3 * seconds / steps, 1)}
+                    print(f"  {name:48s} {steps:5d} steps in {seconds:5.1f} s ({1e3 * seconds / steps:.1f} "
+                          f"ms/step)  valid {bpb:.4f} bits/byte", flush=True)
     print(json.dumps({**{k: v for k, v in vars(args).items() if k != "variants"}, "results": results}))
 
 

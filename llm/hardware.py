@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 
@@ -77,6 +78,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16), where bf16 autocast pays."""
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8

@@ -212,7 +212,8 @@ def qkv_heads(qkv: torch.Tensor, num_heads: int, rope: tuple[torch.Tensor, torch
         return qkv.view(B, T, 3, num_heads, -1).unbind(2)  # strided views: no copy
     cos, sin = (table.to(qkv.dtype) for table in rope)
     if eager_cpu(qkv):  # without autograd (generation), no autograd function's overhead either
-        return (_QKVRoPEFunction.apply if torch.is_grad_enabled() else _split_rotate)(qkv, cos, sin, num_heads)
+        split = _QKVRoPEFunction.apply if torch.is_grad_enabled() else _split_rotate
+        return split(qkv, cos, sin, num_heads)
     q, k, v = qkv.view(B, T, 3, num_heads, -1).unbind(2)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 

@@ -66,21 +66,33 @@ def test_auto_precision_on_cpu_is_bf16_for_large_models_on_bf16_hardware(monkeyp
     assert resolve_precision("fp32", CPU, d_model) == "fp32"  # an explicit choice always wins
 
 
-def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_bf16_detection():
+    """cpu_has_native_bf16 caches its answer: forget it before and after a test that fakes the CPU."""
+    hardware.cpu_has_native_bf16.cache_clear()
+    yield hardware.cpu_has_native_bf16
+    hardware.cpu_has_native_bf16.cache_clear()
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path, fresh_bf16_detection):
+    def detect() -> bool:
+        fresh_bf16_detection.cache_clear()
+        return fresh_bf16_detection()
+
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": True},
                         raising=False)
-    assert hardware.cpu_has_native_bf16()
+    assert detect()
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True}, raising=False)
-    assert not hardware.cpu_has_native_bf16()
+    assert not detect()
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)  # older torch: Linux's flags
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(hardware, "CPUINFO", str(cpuinfo))
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
-    assert hardware.cpu_has_native_bf16()
+    assert detect()
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
-    assert not hardware.cpu_has_native_bf16()
+    assert not detect()
     monkeypatch.setattr(hardware, "CPUINFO", str(tmp_path / "missing"))
-    assert not hardware.cpu_has_native_bf16()
+    assert not detect()
 
 
 def test_threads_auto_is_one_for_small_models_and_all_cores_for_large(monkeypatch):
