@@ -123,16 +123,18 @@ class _CausalAttentionFunction(torch.autograd.Function):
         B, H, T, D = q.shape
         scale = D ** -0.5
         q, k, v, grad = (t.reshape(B * H, T, D) for t in (q, k, v, grad))  # heads as one batch dim
-        delta = torch.linalg.vecdot(grad.float(), out.reshape(B * H, T, D).float()).unsqueeze_(-1)
+        wide = torch.promote_types(q.dtype, torch.float32)  # softmax and its gradient: at least fp32
+        delta = torch.linalg.vecdot(grad.to(wide), out.reshape(B * H, T, D).to(wide)).unsqueeze_(-1)
         future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
         step = max(1, _CausalAttentionFunction.CHUNK_SCORES // (T * T))
         for start in range(0, B * H, step):
             c = slice(start, start + step)
-            probs = torch.softmax(torch.baddbmm(future, q[c], k[c].mT, alpha=scale).float(), dim=-1)
+            scores = torch.baddbmm(future, q[c], k[c].mT, alpha=scale)
+            probs = torch.softmax(scores, dim=-1, dtype=wide)
             torch.bmm(probs.to(v.dtype).mT, grad[c], out=dv[c])
-            scores_grad = torch.bmm(grad[c], v[c].mT).float().sub_(delta[c]).mul_(probs).mul_(scale)
-            scores_grad = scores_grad.to(q.dtype)
+            scores_grad = torch.sub(torch.bmm(grad[c], v[c].mT), delta[c])  # `wide`, by type promotion
+            scores_grad = scores_grad.mul_(probs).mul_(scale).to(q.dtype)
             torch.bmm(scores_grad, k[c], out=dq[c])
             torch.bmm(scores_grad.mT, q[c], out=dk[c])
         return dq.view(B, H, T, D), dk.view(B, H, T, D), dv.view(B, H, T, D)
@@ -165,7 +167,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             chunk, target = xc[rows], targets[rows]
             kept = (target != -1).float()[:, None]  # (n, 1)
             target = target.clamp(min=0)[:, None]
-            log_probs = torch.log_softmax((chunk @ wc.t()).float(), dim=-1)  # (n, V)
+            log_probs = torch.log_softmax(chunk @ wc.t(), dim=-1, dtype=torch.float32)  # (n, V)
             total -= (log_probs.gather(1, target) * kept).sum()
             probs = log_probs.exp_().scatter_add_(1, target, -kept)  # d loss_i / d logits_i
             if not bool(kept.all()):
