@@ -82,13 +82,13 @@ def valid_bits_per_byte(model: GPT, valid: torch.Tensor, num_bytes: int, seq: in
 def train_for(config: ModelConfig, train: torch.Tensor, batch: int, lr: float, *, seconds: float = 0.0,
               steps: int = 0, optimizer_name: str = "muon", muon_lr: float = 0.02, precision: str = "fp32",
               clock=time.perf_counter, warmup_fraction: float = 0.05, min_lr_fraction: float = 0.1,
-              seed: int = 1337) -> tuple[GPT, int, float]:
+              weight_decay: float = 0.1, seed: int = 1337) -> tuple[GPT, int, float]:
     """Train on random windows for `steps` steps, or else `seconds` of `clock`; the rate warms up over
     the first warmup_fraction of the budget, then follows a cosine down to min_lr_fraction of the peak.
     Returns the model, the steps taken and the seconds of `clock` they took."""
     torch.manual_seed(seed)
     model = GPT(config)
-    optimizer = make_optimizer(model, lr=lr, weight_decay=0.1, betas=(0.9, 0.95), device="cpu",
+    optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), device="cpu",
                                optimizer=optimizer_name, muon_lr=muon_lr)
     seq = config.max_seq_length
     start, step = clock(), 0
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=4e-3, help="AdamW's peak rate (train.learning_rate)")
     parser.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak rate (train.muon_lr)")
     parser.add_argument("--min-lr-fraction", type=float, default=0.1, help="final rate / peak rate")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: auto, as runtime.threads)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="budget in process CPU seconds, not wall time (fair on a busy machine)")
@@ -152,7 +153,7 @@ def main() -> None:
                     model, steps, seconds = train_for(
                         config, train, args.batch, args.lr, seconds=args.seconds, steps=args.steps,
                         optimizer_name=optimizer, muon_lr=args.muon_lr, precision=precision, clock=clock,
-                        min_lr_fraction=args.min_lr_fraction, seed=seed)
+                        min_lr_fraction=args.min_lr_fraction, weight_decay=args.weight_decay, seed=seed)
                     bpb = valid_bits_per_byte(model, valid, valid_bytes, args.seq, batch=32)
                     name = f"{variant} {optimizer} {precision} seed {seed}"
                     results[name] = {"valid_bpb": round(bpb, 4), "steps": steps, "seconds": round(seconds, 1),
