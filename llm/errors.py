@@ -19,3 +19,11 @@ class TokenizerError(LLMError):
 
 class CheckpointError(LLMError):
     """A checkpoint or model file is missing, corrupt, or does not match its inputs."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after saving its state; the exit status is 128 + signum."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

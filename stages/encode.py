@@ -5,9 +5,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm.config import load_params
-from llm.shards import encode_corpus
-from llm.stage import run_stage
+from llm.stage import dependencies_or_exit, run_stage
+
+with dependencies_or_exit():
+    from llm.config import load_params
+    from llm.shards import encode_corpus
 
 
 def main() -> None:

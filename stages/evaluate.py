@@ -5,16 +5,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm.checkpoint import load_model_file
-from llm.config import load_params
-from llm.evaluate import evaluate_splits, samples_report
-from llm.generate import check_tokenizer_matches
-from llm.hardware import autocast, resolve_device, resolve_precision
-from llm.io import write_json_atomic, write_text_atomic
-from llm.plots import plot_loss, run_title
-from llm.shards import read_meta
-from llm.stage import run_stage
-from llm.tokenizers import load_tokenizer
+from llm.stage import dependencies_or_exit, run_stage
+
+with dependencies_or_exit():
+    from llm.checkpoint import load_model_file
+    from llm.config import load_params
+    from llm.evaluate import evaluate_splits, samples_report
+    from llm.generate import check_tokenizer_matches
+    from llm.hardware import autocast, resolve_device, resolve_precision
+    from llm.io import write_json_atomic, write_text_atomic
+    from llm.plots import plot_loss, run_title
+    from llm.shards import read_meta
+    from llm.tokenizers import load_tokenizer
 
 MODEL, TOKENIZER, SHARDS = Path("models/model.pt"), Path("data/tokenizer.json"), Path("data/shards")
 TRAIN_LOG, VAL_LOG = Path("metrics/train_log.tsv"), Path("metrics/val_log.tsv")

@@ -6,9 +6,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm.config import load_params
-from llm.stage import run_stage
-from llm.tokenizers.fit import fit_tokenizer, read_training_text
+from llm.stage import dependencies_or_exit, run_stage
+
+with dependencies_or_exit():
+    from llm.config import load_params
+    from llm.tokenizers.fit import fit_tokenizer, read_training_text
 
 TRAIN_TEXT = Path("data/raw/train.txt")
 OUT = Path("data/tokenizer.json")

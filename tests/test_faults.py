@@ -14,10 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
-from pipeline_project import build_project, dvc, set_param, stages_ran, subprocess_env
+from pipeline_project import build_project, dvc, read_params, set_param, stages_ran, subprocess_env
 
 import llm.checkpoint
 from llm.checkpoint import read_checkpoint, save_training_checkpoint
@@ -155,13 +156,14 @@ def test_killed_training_resumes_to_the_uninterrupted_model(shards: Path, interr
 def test_param_change_after_a_kill_starts_fresh(shards: Path, interrupted: Path) -> None:
     project = shards
     restore_checkpoint(project, interrupted)
-    set_param(project, "train.learning_rate", 0.001)
+    before = read_params(project)["train"]["learning_rate"]
+    set_param(project, "train.learning_rate", before / 2)
 
     output = dvc(project, "repro", "train").stdout
     assert stages_ran(output) == ["train"], output
-    assert "not resuming from checkpoints/last.pt: train.learning_rate 0.0003 -> 0.001" in output
+    assert f"not resuming from checkpoints/last.pt: train.learning_rate {before} -> {before / 2}" in output
     assert "starting fresh" in output
-    # Every logged step used the new schedule: nothing of the killed run (peak 0.0003) was kept.
+    # Every logged step used the new schedule: nothing of the killed run (the old peak) was kept.
     cfg = load_params(project / "params.yaml").train
     rows = read_tsv(project / "metrics/train_log.tsv")
     assert [row["step"] for row in rows] == list(range(1, TRAIN_STEPS + 1))
@@ -197,8 +199,8 @@ def test_save_failing_midway_keeps_the_previous_checkpoint(tmp_path: Path,
     path = tmp_path / "checkpoints" / "last.pt"
     save_training_checkpoint(path, tiny_checkpoint(1.0))
 
-    def disk_full(obj: object, target: Path) -> None:
-        Path(target).write_bytes(b"PK\x03\x04 half a checkpoint")
+    def disk_full(obj: object, file: BinaryIO) -> None:
+        file.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(llm.checkpoint.torch, "save", disk_full)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from pipeline_project import (
     STAGES,
+    TINY_PARAMS,
     build_project,
     commit_all,
     dvc,
@@ -133,7 +134,8 @@ def test_vocab_size_reruns_everything_after_download(project: Path, first_repro:
 def test_experiments_are_listed_with_params_and_metrics(project: Path, first_repro: str) -> None:
     rows = experiment_rows(json.loads(dvc(project, "exp", "show", "--json").stdout))
     assert {"lr-high", "vocab-320"} <= set(rows), f"experiments listed: {sorted(rows)}"
-    for name, rate, vocab in (("lr-high", 0.01, 300), ("vocab-320", 0.0003, 320)):
+    baseline_rate = TINY_PARAMS["train"]["learning_rate"]  # the project's own params, not the defaults
+    for name, rate, vocab in (("lr-high", 0.01, 300), ("vocab-320", baseline_rate, 320)):
         params = rows[name]["params"]["params.yaml"]["data"]
         assert (params["train"]["learning_rate"], params["tokenizer"]["vocab_size"]) == (rate, vocab)
     metrics = {name: rows[name]["metrics"]["metrics/eval.json"]["data"] for name in ("lr-high", "vocab-320")}

@@ -1,4 +1,4 @@
-"""A tiny training project in a temp folder: byte-token shards of real text, a params.yaml, the train stage.
+"""A tiny training project in a temp folder: byte-token shards of real text, tiny params, the train stage.
 
 Tokens are the UTF-8 bytes of tiny Shakespeare (vocabulary 256), written in the
 shard format of llm.shards (meta.json + .npy files), so the trainer reads real
@@ -7,41 +7,23 @@ text without waiting for a tokenizer to be fitted.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from pipeline_project import write_params
 
 import llm.model
-from llm.config import Params, params_from_dict
 from llm.io import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY: dict[str, dict[str, Any]] = {
-    "model": {"d_model": 32, "num_heads": 2, "num_layers": 2, "d_ff": 64, "max_seq_length": 16,
-              "dropout": 0.1},
-    "train": {"batch_size": 8, "learning_rate": 0.003, "min_lr": 0.0003, "warmup_steps": 4, "max_epochs": 1,
-              "max_steps": 8, "eval_interval": 4, "eval_batches": 2, "checkpoint_interval": 4},
-    "runtime": {"device": "cpu", "precision": "fp32", "progress": False, "log_interval": 2},
-}
-
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    """Train on one CPU thread: faster than two threads on a busy shared machine, and restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_shards(project: Path, text: str, train_bytes: int = 8192, valid_bytes: int = 2048) -> None:
@@ -65,15 +47,6 @@ def write_shards(project: Path, text: str, train_bytes: int = 8192, valid_bytes:
                                  "num_words": len(raw.split()), "num_lines": raw.count(b"\n"),
                                  "shards": names}
     (project / "data" / "shards" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-
-
-def write_params(project: Path, **sections: dict[str, Any]) -> Params:
-    """params.yaml = TINY updated key by key with `sections`; returns it validated."""
-    raw = copy.deepcopy(TINY)
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return params_from_dict(raw)
 
 
 def make_project(root: Path, text: str, **sections: dict[str, Any]) -> Path:
