@@ -79,6 +79,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             ("--top-p", args.top_p, 0 < args.top_p <= 1)):
         if not ok:
             raise ConfigError(f"{flag} = {value}: out of range (see `llm generate --help`)")
+    if args.checkpoint == DEFAULT_CHECKPOINT and not Path(DEFAULT_CHECKPOINT).is_file() \
+            and not Path("params.yaml").is_file():
+        raise ConfigError("params.yaml: not found; run from the project root (where params.yaml is), "
+                          "or pass --checkpoint and --tokenizer")
     device = resolve_device(args.device)
     model, payload = load_model_file(args.checkpoint, device)
     check_tokenizer_matches(args.tokenizer, payload, args.checkpoint)
@@ -122,11 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     g = commands.add_parser("generate", help="continue a prompt, streaming tokens to stdout")
     g.add_argument("--prompt", default=gen.prompt, help="text to continue (default: %(default)r)")
-    g.add_argument("--max-length", type=int, default=gen.max_length, help="new tokens per sample")
-    g.add_argument("--temperature", type=float, default=gen.temperature, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=gen.top_k, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=gen.top_p, help="nucleus probability mass (1 = off)")
-    g.add_argument("--num-samples", type=int, default=gen.num_samples, help="continuations, one by one")
+    g.add_argument("--max-length", type=int, default=gen.max_length, help="new tokens per sample, >= 1")
+    g.add_argument("--temperature", type=float, default=gen.temperature,
+                   help="sampling temperature, >= 0 (0 = greedy)")
+    g.add_argument("--top-k", type=int, default=gen.top_k,
+                   help="keep the k most likely tokens, >= 0 (0 = off)")
+    g.add_argument("--top-p", type=float, default=gen.top_p,
+                   help="nucleus probability mass, in (0, 1] (1 = off)")
+    g.add_argument("--num-samples", type=int, default=gen.num_samples,
+                   help="continuations, one by one, >= 1")
     g.add_argument("--seed", type=int, default=gen.seed, help="sampling seed")
     g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="models/model.pt or a training checkpoint such as checkpoints/best_model.pt")

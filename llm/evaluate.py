@@ -125,19 +125,23 @@ def evaluate_splits(model: torch.nn.Module, shards_dir: str | os.PathLike, split
 
 def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateConfig,
                    checkpoint_step: Any = None) -> str:
-    """`settings.num_samples` seeded continuations of `settings.prompt`, headed by the settings used."""
+    """`settings.num_samples` seeded continuations of `settings.prompt`, headed by the settings used.
+
+    Drawn one after another from one generator, as `llm generate` draws them, so that `llm generate`
+    with the same settings (its defaults are params.yaml's `generate` section) prints these samples.
+    """
     device = next(model.parameters()).device
     top_k, top_p = sampling_options(settings.top_k, settings.top_p)
     prompt_ids = tokenizer.encode(settings.prompt)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    rows = generate(model, token_tensor(prompt_ids, settings.num_samples, device), settings.max_length,
-                    temperature=settings.temperature, top_k=top_k, top_p=top_p, generator=generator,
-                    eot_id=tokenizer.eot_id)
+    rows = [generate(model, token_tensor(prompt_ids, 1, device), settings.max_length,
+                     temperature=settings.temperature, top_k=top_k, top_p=top_p, generator=generator,
+                     eot_id=tokenizer.eot_id)[0] for _ in range(settings.num_samples)]
     header = [f"prompt: {settings.prompt!r}", f"max_length: {settings.max_length}",
               f"temperature: {settings.temperature}", f"top_k: {settings.top_k}", f"top_p: {settings.top_p}",
               f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}", ""]
     body = []
-    for number, row in enumerate(rows.tolist(), start=1):
-        text = decode_continuation(tokenizer, row[len(prompt_ids):], tokenizer.eot_id)
+    for number, row in enumerate(rows, start=1):
+        text = decode_continuation(tokenizer, row[len(prompt_ids):].tolist(), tokenizer.eot_id)
         body += [f"=== sample {number} ===", settings.prompt + text, ""]
     return "\n".join(header + body)

@@ -6,9 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
-from llm.config import Params, load_params, params_from_dict, section_dict
+from llm.config import Params, load_params, params_from_dict
 from llm.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -113,16 +112,6 @@ def test_ints_are_accepted_for_floats_and_exponents_without_a_dot_parse(tmp_path
     params = load_params(_write(tmp_path / "p.yaml", "train:\n  learning_rate: 1\n  min_lr: 2e-05\n"))
     assert params.train.learning_rate == 1.0 and isinstance(params.train.learning_rate, float)
     assert params.train.min_lr == 2e-5
-
-
-def test_repo_params_yaml_equals_the_defaults():
-    """The consistency check between params.yaml and the dataclasses: every key present, every value equal."""
-    path = PROJECT_ROOT / "params.yaml"
-    assert load_params(path) == Params()
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    expected = {name: section_dict(getattr(Params(), name)) for name in raw}
-    expected["model"].pop("vocab_size")
-    assert raw == expected
 
 
 def _write(path: Path, text: str) -> Path:

@@ -101,7 +101,9 @@ def write_plan(plan: Plan, out_dir: Path, val_fraction: float, test_fraction: fl
                progress: bool = True) -> dict[str, SplitStats]:
     """Write `<out_dir>/{train,valid,test}.txt` following `plan`; return the statistics per split."""
     writers = {split: SplitWriter(out_dir / f"{split}.txt") for split in SPLITS}
-    bar = tqdm(unit="char", unit_scale=True, desc="writing splits", disable=not progress, leave=False)
+    # Shown only when the work lasts (delay): a fresh bar would read "0.00char" (unit_scale's decimals).
+    bar = tqdm(unit=" chars", unit_scale=True, delay=0.5, desc="writing splits", disable=not progress,
+               leave=False)
     try:
         if plan.by_lines:
             _write_by_lines(plan.by_lines, writers, val_fraction, test_fraction, bar)
