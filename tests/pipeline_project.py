@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ruamel.yaml import YAML
 
 from llm.config import DERIVED_KEYS, SECTIONS, Params, params_from_dict, section_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("llm", "stages", "dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
+DVC_FILES = ("config", "plots.html")  # the project's DVC settings and the offline plots page they name
 STAGES = ("download", "fit_tokenizer", "encode", "train", "evaluate")
 
 # A model of a few tens of thousands of parameters, a 300-token BPE and eight steps: every stage
@@ -92,6 +94,16 @@ def stages_skipped(output: str) -> list[str]:
     return re.findall(r"Stage '([^']+)' didn't change, skipping", output)
 
 
+def assert_renders_offline(page: Path) -> None:
+    """A DVC plots page that loads no script from the network, and whose local scripts exist."""
+    html = page.read_text(encoding="utf-8")
+    sources = re.findall(r"<script[^>]*\ssrc\s*=\s*[\"']([^\"']+)", html)
+    assert not [s for s in sources if re.match(r"(https?:)?//", s)], f"{page} loads scripts from the network"
+    assert all((page.parent / s).is_file() for s in sources), f"{page}: missing scripts {sources}"
+    assert "vegaEmbed(" in html and "vega-embed" in html, f"{page}: no inlined Vega-Embed"
+    assert "train_loss" in html and "val_loss" in html
+
+
 def merge(base: dict, overrides: dict) -> dict:
     """A deep copy of `base` with the nested mapping `overrides` applied on top."""
     merged = copy.deepcopy(base)
@@ -128,11 +140,16 @@ def read_params(project: Path) -> dict:
     return yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
 
 
-def set_param(project: Path, dotted: str, value: Any) -> None:
-    """Set `section.key` in the project's params.yaml, as a user editing the file would."""
-    section, key = dotted.split(".")
-    raw = merge(read_params(project), {section: {key: value}})
-    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+def edit_params(project: Path, **sections: dict[str, Any]) -> None:
+    """Change keys of the project's params.yaml in place, keeping its comments and layout, as a user or
+    `dvc exp run -S` does (unchanged values are left as written)."""
+    path, round_trip = project / "params.yaml", YAML()
+    params = round_trip.load(path)
+    for section, values in sections.items():
+        for key, value in values.items():
+            if params[section].get(key) != value:
+                params[section][key] = value
+    round_trip.dump(params, path)
 
 
 def build_project(dest: Path, text_files_dir: Path, overrides: dict | None = None) -> Path:
@@ -154,6 +171,7 @@ def build_project(dest: Path, text_files_dir: Path, overrides: dict | None = Non
     git(dest, "config", "user.email", "tests@example.com")
     git(dest, "config", "user.name", "tests")
     dvc(dest, "init", "-q")
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    for name in DVC_FILES:
+        shutil.copy2(ROOT / ".dvc" / name, dest / ".dvc" / name)
     commit_all(dest, "tiny project")
     return dest

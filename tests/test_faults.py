@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import pytest
 import torch
-from pipeline_project import build_project, dvc, read_params, set_param, stages_ran, subprocess_env
+from pipeline_project import build_project, dvc, edit_params, read_params, stages_ran, subprocess_env
 
 import llm.checkpoint
 from llm.checkpoint import read_checkpoint, save_training_checkpoint
@@ -153,11 +153,26 @@ def test_killed_training_resumes_to_the_uninterrupted_model(shards: Path, interr
     assert_same_weights(resumed, model_tensors(project / "models/model.pt"))
 
 
+def test_code_edit_after_a_kill_starts_fresh(shards: Path, interrupted: Path) -> None:
+    project = shards
+    restore_checkpoint(project, interrupted)
+    model_py = project / "llm" / "model.py"
+    original = model_py.read_text(encoding="utf-8")
+    model_py.write_text(original + "\n# an edit\n", encoding="utf-8")
+    try:
+        output = dvc(project, "repro", "train").stdout
+    finally:
+        model_py.write_text(original, encoding="utf-8")
+    assert stages_ran(output) == ["train"], output
+    assert "not resuming from checkpoints/last.pt: the code changed (llm/model.py); starting fresh" in output
+    assert f"step {TRAIN_STEPS}/{TRAIN_STEPS} |" in output
+
+
 def test_param_change_after_a_kill_starts_fresh(shards: Path, interrupted: Path) -> None:
     project = shards
     restore_checkpoint(project, interrupted)
     before = read_params(project)["train"]["learning_rate"]
-    set_param(project, "train.learning_rate", before / 2)
+    edit_params(project, train={"learning_rate": before / 2})
 
     output = dvc(project, "repro", "train").stdout
     assert stages_ran(output) == ["train"], output

@@ -16,12 +16,13 @@ import pytest
 from pipeline_project import (
     STAGES,
     TINY_PARAMS,
+    assert_renders_offline,
     build_project,
     commit_all,
     dvc,
+    edit_params,
     git,
     run,
-    set_param,
     stages_ran,
     stages_skipped,
 )
@@ -96,9 +97,18 @@ def test_second_repro_runs_nothing(project: Path, first_repro: str) -> None:
 
 
 def test_runtime_knob_reruns_nothing(project: Path, first_repro: str) -> None:
-    set_param(project, "runtime.log_interval", 3)
+    edit_params(project, runtime={"log_interval": 3})
     assert_nothing_ran(dvc(project, "repro").stdout)
     git(project, "checkout", "--", "params.yaml")
+
+
+def test_forced_train_of_a_finished_run_trains_to_the_same_bytes(project: Path, first_repro: str) -> None:
+    before = (project / "models/model.pt").read_bytes()
+    output = dvc(project, "repro", "--force", "--single-item", "train").stdout
+    assert stages_ran(output) == ["train"], output
+    assert "not resuming from checkpoints/last.pt: its run is finished (step 8/8)" in output
+    assert "step 8/8 |" in output  # it trained
+    assert (project / "models/model.pt").read_bytes() == before  # same params and seed: same file, same hash
 
 
 def run_experiment(project: Path, name: str, setting: str) -> list[str]:
@@ -118,10 +128,9 @@ def test_metrics_diff_shows_the_change(project: Path, first_repro: str) -> None:
     assert {"train_loss", "valid_loss", "test_bpb"} <= changed, diff
 
 
-def test_plots_show_writes_html(project: Path, first_repro: str, tmp_path: Path) -> None:
+def test_plots_show_writes_html_that_renders_offline(project: Path, first_repro: str, tmp_path: Path) -> None:
     dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
-    html = (tmp_path / "plots" / "index.html").read_text(encoding="utf-8")
-    assert "train_loss" in html and "val_loss" in html
+    assert_renders_offline(tmp_path / "plots" / "index.html")
 
 
 def test_vocab_size_reruns_everything_after_download(project: Path, first_repro: str) -> None:
