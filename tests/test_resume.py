@@ -15,11 +15,10 @@ import yaml
 from pipeline_project import write_params
 from train_project import (
     assert_same_weights,
-    fail_forward_at,
+    crash_in_forward,
     make_project,
     model_state,
     outputs,
-    raise_stop,
     run_train_stage,
     stage_command,
     stage_env,
@@ -139,20 +138,14 @@ def test_finished_run_is_trained_again_and_bookkeeping_changes_still_resume(
             "again means training again; starting fresh") in said.replace(str(project) + "/", "")
     assert "step 8/8 |" in said and again["val_loss"] == first["val_loss"] and again["steps"] == 8
 
-    with monkeypatch.context() as patch:  # an unfinished last.pt: step 4 of 8
-        fail_forward_at(patch, 7, raise_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(write_params(project), **outputs(project))
+    crash_in_forward(monkeypatch, project, write_params(project))  # an unfinished last.pt: step 4 of 8
     capsys.readouterr()
     same = write_params(project, train={"checkpoint_interval": 3},
                         runtime={"log_interval": 1, "progress": True, "compile": False})
     train(same, **outputs(project))
     assert f"resuming from {project}/checkpoints/last.pt at step 4/8" in capsys.readouterr().out
 
-    with monkeypatch.context() as patch:
-        fail_forward_at(patch, 7, raise_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(write_params(project), **outputs(project))
+    crash_in_forward(monkeypatch, project, write_params(project))
     changed = write_params(project, train={"learning_rate": 0.002})
     train(changed, **outputs(project))
     said = capsys.readouterr().out
@@ -164,10 +157,7 @@ def test_finished_run_is_trained_again_and_bookkeeping_changes_still_resume(
 def test_a_code_change_is_not_resumed(tmp_path: Path, shakespeare_text: str, capsys,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     project = make_project(tmp_path / "p", shakespeare_text)
-    with monkeypatch.context() as patch:
-        fail_forward_at(patch, 7, raise_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(write_params(project), **outputs(project))
+    crash_in_forward(monkeypatch, project, write_params(project))
     edited = {**code_hashes(), "llm/model.py": "0" * 64}  # as if llm/model.py had been edited since
     monkeypatch.setattr(llm.train, "code_hashes", lambda: edited)
     capsys.readouterr()
@@ -198,10 +188,7 @@ def test_code_hashes_cover_every_python_file_of_the_train_deps(tmp_path: Path) -
 def test_checkpoint_of_another_process_count_says_so(tmp_path: Path, shakespeare_text: str, capsys,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     project = make_project(tmp_path / "p", shakespeare_text)
-    with monkeypatch.context() as patch:
-        fail_forward_at(patch, 7, raise_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(write_params(project), **outputs(project))
+    crash_in_forward(monkeypatch, project, write_params(project))
     last = project / "checkpoints" / "last.pt"
     payload = read_checkpoint(last)
     payload["rng"] = payload["rng"] * 4  # as written by 4 processes
@@ -219,10 +206,7 @@ def test_logs_continue_after_resume_without_duplicates(tmp_path: Path, shakespea
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     project = make_project(tmp_path / "p", shakespeare_text)
     params = write_params(project)
-    with monkeypatch.context() as patch:
-        fail_forward_at(patch, 7, raise_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(params, **outputs(project))
+    crash_in_forward(monkeypatch, project, params)
     before_train, before_val = _curves(project)
     assert [r[0] for r in before_train] == [2, 4] and [r["step"] for r in before_val] == [4]
 

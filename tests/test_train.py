@@ -12,11 +12,11 @@ import torch
 from pipeline_project import write_params
 from train_project import (
     assert_same_weights,
+    crash_in_forward,
     fail_forward_at,
     make_project,
     model_state,
     outputs,
-    raise_stop,
 )
 
 import llm.checkpoint
@@ -177,18 +177,12 @@ def test_explicit_resume_continues_exactly_and_checks_the_model(tmp_path: Path, 
     train(write_params(reference), **outputs(reference))
 
     interrupted = make_project(tmp_path / "interrupted", shakespeare_text)
-    with monkeypatch.context() as patch:
-        fail_forward_at(patch, 7, raise_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(write_params(interrupted), **outputs(interrupted))
+    crash_in_forward(monkeypatch, interrupted, write_params(interrupted))
     saved = tmp_path / "saved.pt"
     shutil.move(interrupted / "checkpoints" / "last.pt", saved)
     capsys.readouterr()
     from_saved = write_params(interrupted, train={"resume": str(saved), "checkpoint_interval": 1})
-    with monkeypatch.context() as patch:  # the run train.resume started, stopped in step 7: last.pt at 6
-        fail_forward_at(patch, 3, raise_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(from_saved, **outputs(interrupted))
+    crash_in_forward(monkeypatch, interrupted, from_saved, call=3)  # crashes in step 7: last.pt at step 6
     said = capsys.readouterr().out.splitlines()
     assert said[0] == f"train.resume = {saved}: starting from it; {KEEP_NOTE}"  # the first line names it
     assert said[1] == (f"train.resume: loaded model weights, optimizer state, step 4 and RNG state from "

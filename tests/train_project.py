@@ -21,7 +21,9 @@ import torch
 from pipeline_project import write_params
 
 import llm.model
+from llm.config import Params
 from llm.io import sha256_file
+from llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,5 +112,14 @@ def fail_forward_at(monkeypatch: pytest.MonkeyPatch, call: int, make_failure: Ca
 
 
 def raise_stop(loss: torch.Tensor) -> None:
-    """A failure for fail_forward_at: as if the user pressed Ctrl-C."""
+    """A failure for fail_forward_at: a crash in the middle of a step (as if killed there)."""
     raise KeyboardInterrupt
+
+
+def crash_in_forward(monkeypatch: pytest.MonkeyPatch, project: Path, params: Params, call: int = 7) -> None:
+    """Train `project` until its `call`-th training forward pass crashes: the run ends there, keeping the
+    last periodic checkpoint (with the tiny params and the default `call`, last.pt at step 4 of 8)."""
+    with monkeypatch.context() as patch:
+        fail_forward_at(patch, call, raise_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(params, **outputs(project))
