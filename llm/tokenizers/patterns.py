@@ -97,3 +97,18 @@ def words_of_pieces(findall: Callable[[str], list[str]],
     for group in (ascii_other, other):
         if group:
             yield group, findall(" " + " ".join(group)), False
+
+
+def words_per_piece(group: list[str], words: list[str]) -> Iterator[list[str]]:
+    """The words of each piece of a `words_of_pieces` group that is not one word each, in order.
+
+    Piece k owns the next matches whose lengths add up to len(piece) + 1 (its leading space).
+    """
+    matches = iter(words)
+    for piece in group:
+        found, left = [], len(piece) + 1
+        while left:
+            word = next(matches)
+            found.append(word)
+            left -= len(word)
+        yield found
