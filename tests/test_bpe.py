@@ -341,3 +341,15 @@ def test_plain_merge_loop_on_real_text_with_every_engine(monkeypatch, shakespear
 
 def test_docstring_examples_hold():
     assert doctest.testmod(llm.tokenizers.bpe).failed == 0
+
+
+def test_encoding_never_scans_the_whole_word_cache(monkeypatch, tok):
+    """Each call looks up its own words: a scan of the cache (once done per call by a set difference)
+    made encoding line by line 25x slower."""
+    def scanned(self):
+        raise AssertionError("the word cache was iterated")
+
+    fresh = load_tokenizer_roundtrip(tok)
+    monkeypatch.setattr(fast._Memo, "__iter__", scanned)
+    for line in ["First Citizen:\n", "Before we proceed any further, hear me speak.\n", "Speak, speak.\n"]:
+        assert fresh.encode(line) == tiktoken_of_cached(tok).encode_ordinary(line)
