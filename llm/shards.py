@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from multiprocessing.pool import Pool
 from pathlib import Path
@@ -35,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llm.errors import DataError
-from llm.io import sha256_file
+from llm.io import atomic_dir, decode_utf8, sha256_file
 
 if TYPE_CHECKING:  # torch is imported lazily so encode workers stay small (~200 MB RSS each otherwise)
     import torch
@@ -109,15 +107,6 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = _load_tokenizer(tokenizer_path)
 
 
-def _decode(data: bytes, path: str, offset: int) -> str:
-    """UTF-8 text of `data`; DataError naming the file and byte offset when it is not UTF-8."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 at byte {offset + exc.start}; "
-                        "re-save the file as UTF-8") from None
-
-
 def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, int, int, int]:
     """Worker: (token ids, whitespace words, newlines, bytes) of one chunk."""
     tok = _worker_tokenizer
@@ -127,7 +116,7 @@ def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, int, int, int]:
     for begin, end in zip(bounds, bounds[1:]):
         if begin in chunk.doc_starts and tok.eot_id is not None:
             ids.append(tok.eot_id)
-        text = _decode(chunk.data[begin:end], chunk.path, chunk.offset + begin)
+        text = decode_utf8(chunk.data[begin:end], chunk.path, chunk.offset + begin)
         words += len(text.split())
         ids.extend(tok.encode(text))
     tokens = np.array(ids, dtype=token_dtype(tok.vocab_size))
@@ -198,9 +187,8 @@ def encode_corpus(raw_dir: str | Path, tokenizer_path: str | Path, shards_dir: s
                   chunk_bytes: int = CHUNK_BYTES) -> dict:
     """Encode `<raw_dir>/{train,valid,test}.txt` into `shards_dir` atomically; returns meta.json's content.
 
-    Everything is built in a `.<name>-tmp-*` directory beside `shards_dir` and renamed into
-    place at the end (the old one is moved in there first); stale temp directories of a killed
-    run are removed first.
+    Everything is built beside `shards_dir` and swapped in at the end (`io.atomic_dir`): a failed
+    or killed run leaves the previous shards as they were.
     `num_workers` = 0 uses every core. The output is byte-identical for any worker count.
     """
     raw_dir, tokenizer_path, shards_dir = Path(raw_dir), Path(tokenizer_path), Path(shards_dir)
@@ -209,30 +197,17 @@ def encode_corpus(raw_dir: str | Path, tokenizer_path: str | Path, shards_dir: s
                         "(or python stages/fit_tokenizer.py)")
     _check_splits(raw_dir)
     tok = _load_tokenizer(tokenizer_path)
-    tmp_prefix = f".{shards_dir.name}-tmp-"
-    shards_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in shards_dir.parent.glob(f"{tmp_prefix}*"):
-        shutil.rmtree(stale, ignore_errors=True)
     dtype = token_dtype(tok.vocab_size)
     meta = {"format_version": FORMAT_VERSION, "tokenizer_sha256": sha256_file(tokenizer_path),
             "tokenizer_type": json.loads(tokenizer_path.read_text(encoding="utf-8")).get("type"),
             "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype, "splits": {}}
-    workspace = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=shards_dir.parent))
-    try:
-        build = workspace / shards_dir.name  # made by mkdir, so it gets the usual permissions (not 0700)
-        build.mkdir()
-        with Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker,
-                  initargs=(str(tokenizer_path),)) as pool:
-            for split in SPLITS:
-                meta["splits"][split] = _encode_split(
-                    pool, raw_dir / f"{split}.txt", build / split, shard_tokens=shard_tokens,
-                    dtype=dtype, chunk_bytes=chunk_bytes, progress=progress)
+    with atomic_dir(shards_dir) as build, Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker,
+                                               initargs=(str(tokenizer_path),)) as pool:
+        for split in SPLITS:
+            meta["splits"][split] = _encode_split(
+                pool, raw_dir / f"{split}.txt", build / split, shard_tokens=shard_tokens,
+                dtype=dtype, chunk_bytes=chunk_bytes, progress=progress)
         (build / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if shards_dir.exists():
-            os.rename(shards_dir, workspace / "old")
-        os.rename(build, shards_dir)
-    finally:
-        shutil.rmtree(workspace, ignore_errors=True)
     return meta
 
 

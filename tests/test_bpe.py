@@ -13,9 +13,9 @@ import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm.errors import TokenizerError
 import llm.tokenizers._bpe_encode as fast
 import llm.tokenizers.bpe
+from llm.errors import TokenizerError
 from llm.tokenizers import BPETokenizer, load_tokenizer
 from llm.tokenizers._bpe_train import count_words, learn_merges
 from llm.tokenizers.bpe import merge

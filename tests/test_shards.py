@@ -211,8 +211,8 @@ def test_stale_temp_dirs_are_removed_and_result_unchanged(tmp_path: Path, byte_t
     clean = tmp_path / "clean" / "shards"
     encode_corpus(raw, tokenizer, clean, shard_tokens=1000, num_workers=1)
     data = tmp_path / "data"
-    (data / ".shards-tmp-killed" / "train").mkdir(parents=True)
-    (data / ".shards-tmp-killed" / "train" / "shard_00000.npy").write_bytes(b"half")
+    (data / ".tmp-shards-killed" / "train").mkdir(parents=True)
+    (data / ".tmp-shards-killed" / "train" / "shard_00000.npy").write_bytes(b"half")
     (data / "shards").mkdir()
     (data / "shards" / "meta.json").write_text("{}")
     encode_corpus(raw, tokenizer, data / "shards", shard_tokens=1000, num_workers=1)

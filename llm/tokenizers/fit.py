@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llm.config import TokenizerConfig
 from llm.errors import DataError
+from llm.io import utf8_error
 from llm.tokenizers import TOKENIZER_TYPES
 from llm.tokenizers.base import Tokenizer
 
@@ -19,7 +20,7 @@ def read_training_text(path: str | os.PathLike) -> str:
     except FileNotFoundError:
         raise DataError(f"{path}: not found; run the download stage first (dvc repro download)") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 at byte {exc.start}; re-encode it as UTF-8") from None
+        raise utf8_error(str(path), exc) from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
     if not text.strip():
