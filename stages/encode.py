@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm.config import load_params
-from llm.shards import encode_corpus
+from llm.encode import encode_corpus
 from llm.stage import run_stage
 
 

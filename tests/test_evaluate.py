@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from train_project import write_shards
 
 from llm.checkpoint import load_model_file, save_model_file
 from llm.config import GenerateConfig, ModelConfig
+from llm.encode import encode_corpus
 from llm.errors import DataError
 from llm.evaluate import evaluate_split, evaluate_splits, samples_report, window_plan
 from llm.io import sha256_file
 from llm.model import GPT
-from llm.shards import TokenShards, encode_corpus
+from llm.shards import TokenShards
 from llm.tokenizers import BPETokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,29 +43,11 @@ class UniformModel(torch.nn.Module):
         return torch.zeros(*idx.shape, self.config.vocab_size) + self.anchor
 
 
-def write_byte_shards(folder: Path, splits: dict[str, str]) -> Path:
-    """Shards whose tokens are the UTF-8 bytes of each text (vocab 256), in llm.shards' format."""
-    meta = {"format_version": 1, "tokenizer_sha256": "0" * 64, "vocab_size": 256, "eot_id": None,
-            "dtype": "uint16", "splits": {}}
-    for split, text in splits.items():
-        raw = text.encode("utf-8")
-        (folder / split).mkdir(parents=True)
-        halves = np.array_split(np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), 2)
-        names = [f"{split}/{i}.npy" for i in range(2)]
-        for name, half in zip(names, halves):
-            np.save(folder / name, half)
-        meta["splits"][split] = {"num_tokens": len(raw), "num_bytes": len(raw),
-                                 "num_words": len(text.split()) + text.count("\n"),
-                                 "num_lines": text.count("\n"), "shards": names}
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def byte_shards(tmp_path_factory: pytest.TempPathFactory, wikitext_valid: Path) -> Path:
+    """Byte-token shards of WikiText: 3,000-byte valid and test splits."""
     text = wikitext_valid.read_text(encoding="utf-8")
-    splits = {"valid": text[:3000], "test": text[3000:3500]}
-    return write_byte_shards(tmp_path_factory.mktemp("shards"), splits)
+    return write_shards(tmp_path_factory.mktemp("project"), text, train_bytes=1000, valid_bytes=3000)
 
 
 def test_uniform_model_metrics_match_hand_computation(byte_shards: Path) -> None:
@@ -119,8 +103,8 @@ def test_stride_equal_to_window_is_non_overlapping_and_batching_does_not_matter(
 
 def test_stride_one_scores_each_token_with_its_full_context(tmp_path: Path, wikitext_valid: Path) -> None:
     model = tiny_gpt()
-    text = wikitext_valid.read_text(encoding="utf-8")[:60]
-    shards = TokenShards(write_byte_shards(tmp_path, {"test": text}), "test")
+    text = wikitext_valid.read_text(encoding="utf-8")[:130]
+    shards = TokenShards(write_shards(tmp_path, text, train_bytes=10, valid_bytes=60), "test")
     tokens = torch.from_numpy(shards.read(0, len(shards)))
     expected = 0.0
     with torch.no_grad():
@@ -135,8 +119,8 @@ def test_stride_one_scores_each_token_with_its_full_context(tmp_path: Path, wiki
 
 
 def test_missing_split_is_a_clear_error(byte_shards: Path) -> None:
-    with pytest.raises(DataError, match="no split 'train'"):
-        evaluate_splits(UniformModel(256, 8), byte_shards, ["train"])
+    with pytest.raises(DataError, match="no split 'dev'"):
+        evaluate_splits(UniformModel(256, 8), byte_shards, ["dev"])
 
 
 # --- the evaluate stage, end to end, on a tiny trained model -------------------------------------------
