@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llm.config import GenerateConfig, RuntimeConfig, load_params
+from llm.config import DEVICES, GenerateConfig, RuntimeConfig, check_value, load_params
 from llm.errors import ConfigError, LLMError
 
 DEFAULT_CHECKPOINT = "models/model.pt"
@@ -72,13 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise ConfigError("--prompt is empty: give some text to continue")
-    for flag, value, ok in (("--max-length", args.max_length, args.max_length >= 1),
-                            ("--num-samples", args.num_samples, args.num_samples >= 1),
-                            ("--temperature", args.temperature, args.temperature >= 0),
-                            ("--top-k", args.top_k, args.top_k >= 0),
-                            ("--top-p", args.top_p, 0 < args.top_p <= 1)):
-        if not ok:
-            raise ConfigError(f"{flag} = {value}: out of range (see `llm generate --help`)")
+    for key in ("max_length", "num_samples", "temperature", "top_k", "top_p", "seed"):  # params' ranges
+        check_value(GenerateConfig, key, getattr(args, key), "--" + key.replace("_", "-"))
     device = resolve_device(args.device)
     model, payload = load_model_file(args.checkpoint, device)
     check_tokenizer_matches(args.tokenizer, payload, args.checkpoint)
@@ -131,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="models/model.pt or a training checkpoint such as checkpoints/best_model.pt")
     g.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer the checkpoint used")
-    g.add_argument("--device", default=runtime.device, choices=("auto", "cuda", "mps", "cpu"))
+    g.add_argument("--device", default=runtime.device, choices=DEVICES)
     g.set_defaults(func=cmd_generate)
     info = commands.add_parser("info", help="print a checkpoint's config, size, step and metrics")
     info.add_argument("checkpoint", help="models/model.pt or a checkpoints/*.pt file")

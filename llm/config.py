@@ -238,8 +238,7 @@ def build_section(cls: type, raw: Any, *, source: str = "params.yaml", section: 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section {name!r} must be a mapping of key: value, got {raw!r}")
-    hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    known = [f.name for f in fields(cls)]
     values = {}
     for key, value in raw.items():
         where = f"{source}: {name}.{key}"
@@ -249,10 +248,17 @@ def build_section(cls: type, raw: Any, *, source: str = "params.yaml", section: 
                               f"allowed keys: {', '.join(settable)}")
         if (section, key) in DERIVED_KEYS:
             raise ConfigError(f"{where}: not a params.yaml key: {DERIVED_KEYS[(section, key)]}")
-        value = _coerce(where, value, hints[key])
-        _check_range(where, value, dict(known[key].metadata))
-        values[key] = value
+        values[key] = check_value(cls, key, value, where)
     return cls(**values)
+
+
+def check_value(cls: type, key: str, value: Any, where: str) -> Any:
+    """`value` checked against the type and allowed values of field `key` of the section dataclass `cls`
+    (ints are accepted where floats are); ConfigError names `where` (a params.yaml key, a CLI flag)."""
+    spec = next(f for f in fields(cls) if f.name == key)
+    value = _coerce(where, value, get_type_hints(cls)[key])
+    _check_range(where, value, dict(spec.metadata))
+    return value
 
 
 def _check_consistency(p: Params, source: str) -> None:

@@ -25,20 +25,18 @@ from typing import Any
 
 import torch
 
+from llm.config import GenerateConfig, check_value
 from llm.errors import CheckpointError, ConfigError
 from llm.io import sha256_file
 
 
 def _check_settings(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Reject sampling settings that have no meaning, naming the parameter and the allowed range."""
+    """Reject sampling settings that have no meaning, by the ranges of the `generate` params section."""
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 0:
-        raise ConfigError(f"top_k = {top_k}: must be >= 0 (0 = off)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p = {top_p}: must be in (0, 1] (1 = off)")
+    for key, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if value is not None:
+            check_value(GenerateConfig, key, value, key)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
