@@ -23,6 +23,7 @@ from llm.errors import DataError
 from llm.evaluate import evaluate_split, evaluate_splits, samples_report, window_plan
 from llm.io import sha256_file
 from llm.model import GPT
+from llm.plots import plot_loss
 from llm.shards import TokenShards
 from llm.tokenizers import BPETokenizer, load_tokenizer
 
@@ -210,3 +211,19 @@ def test_evaluate_stage_refuses_a_tokenizer_that_does_not_match(tmp_path: Path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tokenizer.json" in err and "does not match" in err
     assert not (project / "metrics" / "eval.json").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "training log not found"),
+    ("step\tval_loss\n1\t2.0\n", "no column train_loss, lr"),
+    ("step\ttrain_loss\tlr\n1\tnan?\t0.1\n", "not a numeric log"),
+    ("step\ttrain_loss\tlr\n1\t2.0\n", "not a numeric log"),  # a row cut short
+])
+def test_plot_of_a_missing_or_broken_log_is_a_data_error(tmp_path: Path, content: str | None,
+                                                         message: str) -> None:
+    log = tmp_path / "train_log.tsv"
+    if content is not None:
+        log.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        plot_loss(log, log, tmp_path / "loss.png", "title")
+    assert not (tmp_path / "loss.png").exists()
