@@ -1,10 +1,10 @@
 """Held-out metrics over whole splits: loss, perplexity, bits per byte and word-level perplexity.
 
 Every token after the first of a split is scored exactly once (the first has nothing to be predicted
-from), so a split of N tokens yields N - 1 scored tokens. Per-token numbers (`loss`, `ppl`) divide the
-summed negative log-likelihood by those N - 1 tokens. The normalised numbers (`bpb`, `word_ppl`) divide
-the same sum by ALL the split's UTF-8 bytes / words, as papers do; leaving out the first token's
-prediction biases them down by about one token in N, which is negligible for any real split.
+from), so a split of N tokens yields N - 1 scored tokens, and `loss` is the summed negative
+log-likelihood over those N - 1. `ppl` is exp(loss); `bpb` and `word_ppl` turn the same mean loss into
+bits per UTF-8 byte and perplexity per word with the split's tokens per byte and per word
+(`TokenShards.bits_per_byte`, the definition training's `val_bpb` uses too).
 """
 
 from __future__ import annotations
@@ -94,15 +94,14 @@ def evaluate_split(model: torch.nn.Module, shards: TokenShards, *, window: int, 
     return totals[0].item(), int(totals[1].item())
 
 
-def split_metrics(split: str, total_nats: float, scored_tokens: int, num_bytes: int,
-                  num_words: int) -> dict[str, float | int]:
+def split_metrics(shards: TokenShards, total_nats: float, scored_tokens: int) -> dict[str, float | int]:
     """The four comparable numbers of one split, keyed `<split>_loss`, `_ppl`, `_bpb`, `_word_ppl`."""
-    loss = total_nats / scored_tokens
+    loss, split = total_nats / scored_tokens, shards.split
     return {
         f"{split}_loss": loss,
         f"{split}_ppl": math.exp(loss),
-        f"{split}_bpb": total_nats / (math.log(2) * num_bytes),
-        f"{split}_word_ppl": math.exp(total_nats / num_words),
+        f"{split}_bpb": shards.bits_per_byte(loss),
+        f"{split}_word_ppl": shards.word_perplexity(loss),
         f"{split}_tokens": scored_tokens,
     }
 
@@ -119,7 +118,7 @@ def evaluate_splits(model: torch.nn.Module, shards_dir: str | os.PathLike, split
         shards = TokenShards(shards_dir, split)
         nats, scored = evaluate_split(model, shards, window=model.config.max_seq_length, stride=stride,
                                       batch_size=batch_size, progress=progress)
-        metrics.update(split_metrics(split, nats, scored, shards.num_bytes, shards.num_words))
+        metrics.update(split_metrics(shards, nats, scored))
     return metrics
 
 

@@ -14,6 +14,7 @@ starts into `(x, y)` tensors.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,19 @@ class TokenShards:
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    def bits_per_byte(self, loss: float) -> float:
+        """A mean loss scored on this split (nats per token) in bits per UTF-8 byte of its text.
+
+        The loss times the split's tokens per byte, over ln 2: training's `val_bpb` (a sample of
+        windows) and evaluate's `<split>_bpb` (every token) are both this.
+        """
+        return loss * len(self) / (math.log(2) * self.num_bytes)
+
+    def word_perplexity(self, loss: float) -> float:
+        """A mean loss scored on this split (nats per token) as a perplexity per word of its text
+        (whitespace words plus one per line, the count WikiText papers divide by)."""
+        return math.exp(loss * len(self) / self.num_words)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """An int64 copy of tokens[start:start + length], crossing shard boundaries as needed."""

@@ -341,10 +341,7 @@ class Trainer:
         if self.ranks.world > 1:
             dist.all_reduce(totals)
         nats, count = totals.tolist()
-        # Bytes covered: the split's UTF-8 bytes scaled by the share of its tokens scored (windows skip the
-        # first token and the tail), since token-to-byte offsets are not stored.
-        scored_bytes = self.val_tokens.num_bytes * count / len(self.val_tokens)
-        return nats / count, nats / (math.log(2) * scored_bytes)
+        return nats / count, self.val_tokens.bits_per_byte(nats / count)
 
     def _evaluate(self) -> None:
         """Validate, log it, and keep best_model.pt on a new best validation loss."""

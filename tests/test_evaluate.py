@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_project import write_shards
+from train_project import outputs, write_params, write_shards
 
 from llm.checkpoint import load_model_file, save_model_file
 from llm.config import GenerateConfig, ModelConfig
@@ -26,6 +26,7 @@ from llm.model import GPT
 from llm.plots import plot_loss
 from llm.shards import TokenShards
 from llm.tokenizers import BPETokenizer, load_tokenizer
+from llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"d_model": 32, "num_heads": 2, "num_layers": 2, "d_ff": 64, "max_seq_length": 32,
@@ -60,10 +61,9 @@ def test_uniform_model_metrics_match_hand_computation(byte_shards: Path) -> None
         assert metrics[f"{split}_tokens"] == scored
         assert metrics[f"{split}_loss"] == pytest.approx(math.log(vocab), rel=1e-6)
         assert metrics[f"{split}_ppl"] == pytest.approx(vocab, rel=1e-5)
-        total_nats = scored * math.log(vocab)
-        bpb = total_nats / (math.log(2) * info["num_bytes"])
-        word_ppl = math.exp(total_nats / info["num_words"])
-        assert metrics[f"{split}_bpb"] == pytest.approx(bpb, rel=1e-6)
+        # ln(256) nats a token is 8 bits a byte (one token per byte), spread over the split's words
+        assert metrics[f"{split}_bpb"] == pytest.approx(8.0, rel=1e-6)
+        word_ppl = math.exp(math.log(vocab) * info["num_tokens"] / info["num_words"])
         assert metrics[f"{split}_word_ppl"] == pytest.approx(word_ppl, rel=1e-5)
 
 
@@ -227,3 +227,17 @@ def test_plot_of_a_missing_or_broken_log_is_a_data_error(tmp_path: Path, content
     with pytest.raises(DataError, match=message):
         plot_loss(log, log, tmp_path / "loss.png", "title")
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_training_val_bpb_and_evaluate_valid_bpb_are_one_definition(tmp_path: Path, shakespeare_text: str
+                                                                     ) -> None:
+    """Scoring the same tokens (every validation window, a split that full windows cover exactly), the
+    trainer's last val_bpb and the evaluate stage's valid_bpb of the final model are the same number."""
+    write_shards(tmp_path, shakespeare_text, valid_bytes=16 * 128 + 1)  # 128 windows of 16 (+1 target)
+    params = write_params(tmp_path, train={"eval_batches": 0})
+    metrics = train(params, **outputs(tmp_path))
+    model, _ = load_model_file(tmp_path / "models" / "model.pt")
+    evaluated = evaluate_splits(model, tmp_path / "data" / "shards", ["valid"])
+    assert evaluated["valid_tokens"] == 16 * 128
+    assert evaluated["valid_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
+    assert evaluated["valid_bpb"] == pytest.approx(metrics["val_bpb"], rel=1e-5)
