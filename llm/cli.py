@@ -1,7 +1,7 @@
 """`llm` command line: `llm generate` streams a continuation of a prompt, `llm info` describes a checkpoint.
 
 Defaults of `generate` come from the `generate` section of ./params.yaml when there is one (else the
-dataclass defaults in llm.config), so `llm generate` samples like the evaluate stage does.
+dataclass defaults in llm.config), so `llm generate` samples like the samples stage does.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ class EvalConfig:
 
 @dataclass
 class GenerateConfig:
-    """`generate`: the samples written by the evaluate stage (and `llm generate` defaults)."""
+    """`generate`: the samples stage's reports/samples.txt (and `llm generate` defaults)."""
 
     prompt: str = _knob("Once upon a time", doc="text to continue")
     max_length: int = _knob(100, low=1, doc="new tokens per sample")

@@ -20,9 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llm.config import GenerateConfig
-from llm.errors import DataError
-from llm.generate import decode_continuation, generate, sampling_options, token_tensor
+from llm.errors import CheckpointError, DataError
 from llm.shards import TokenShards, read_meta
 
 
@@ -122,21 +120,12 @@ def evaluate_splits(model: torch.nn.Module, shards_dir: str | os.PathLike, split
     return metrics
 
 
-def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateConfig,
-                   checkpoint_step: Any = None) -> str:
-    """`settings.num_samples` seeded continuations of `settings.prompt`, headed by the settings used."""
-    device = next(model.parameters()).device
-    top_k, top_p = sampling_options(settings.top_k, settings.top_p)
-    prompt_ids = tokenizer.encode(settings.prompt)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    rows = generate(model, token_tensor(prompt_ids, settings.num_samples, device), settings.max_length,
-                    temperature=settings.temperature, top_k=top_k, top_p=top_p, generator=generator,
-                    eot_id=tokenizer.eot_id)
-    header = [f"prompt: {settings.prompt!r}", f"max_length: {settings.max_length}",
-              f"temperature: {settings.temperature}", f"top_k: {settings.top_k}", f"top_p: {settings.top_p}",
-              f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}", ""]
-    body = []
-    for number, row in enumerate(rows.tolist(), start=1):
-        text = decode_continuation(tokenizer, row[len(prompt_ids):], tokenizer.eot_id)
-        body += [f"=== sample {number} ===", settings.prompt + text, ""]
-    return "\n".join(header + body)
+def check_same_tokenizer(payload: dict[str, Any], model_path: str | os.PathLike, meta: dict[str, Any],
+                         shards_dir: str | os.PathLike) -> None:
+    """Refuse to score shards encoded by another tokenizer than the model was trained on: its ids would
+    mean other text, and every metric would be silently wrong."""
+    trained, encoded = payload.get("tokenizer_sha256"), meta.get("tokenizer_sha256")
+    if trained is not None and trained != encoded:
+        raise CheckpointError(f"{model_path}: trained with tokenizer {str(trained)[:12]}..., but "
+                              f"{Path(shards_dir) / 'meta.json'} was encoded with {str(encoded)[:12]}...; "
+                              "re-run the pipeline (`dvc repro`) so model and shards come from one run")

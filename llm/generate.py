@@ -1,5 +1,8 @@
 """Autoregressive sampling from the GPT: temperature, top-k, top-p, end-of-text stopping, KV cache.
 
+`generate` samples token ids; `samples_report` is the samples stage's reports/samples.txt, and
+`llm generate` streams the same sampling to a terminal.
+
 With the cache the prompt is run once (prefill) and every later step feeds only the newest token, so a
 step costs one token's worth of compute instead of a forward pass over the whole context.
 
@@ -190,3 +193,23 @@ def token_tensor(ids: list[int], batch_size: int, device: torch.device) -> torch
     if not ids:
         raise ConfigError("prompt: encodes to no tokens; give a non-empty prompt")
     return torch.tensor([ids] * batch_size, dtype=torch.long, device=device)
+
+
+def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateConfig,
+                   checkpoint_step: Any = None) -> str:
+    """`settings.num_samples` seeded continuations of `settings.prompt`, headed by the settings used."""
+    device = next(model.parameters()).device
+    top_k, top_p = sampling_options(settings.top_k, settings.top_p)
+    prompt_ids = tokenizer.encode(settings.prompt)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    rows = generate(model, token_tensor(prompt_ids, settings.num_samples, device), settings.max_length,
+                    temperature=settings.temperature, top_k=top_k, top_p=top_p, generator=generator,
+                    eot_id=tokenizer.eot_id)
+    header = [f"prompt: {settings.prompt!r}", f"max_length: {settings.max_length}",
+              f"temperature: {settings.temperature}", f"top_k: {settings.top_k}", f"top_p: {settings.top_p}",
+              f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}", ""]
+    body = []
+    for number, row in enumerate(rows.tolist(), start=1):
+        text = decode_continuation(tokenizer, row[len(prompt_ids):], tokenizer.eot_id)
+        body += [f"=== sample {number} ===", settings.prompt + text, ""]
+    return "\n".join(header + body)

@@ -20,7 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("llm", "stages", "dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
-STAGES = ("download", "fit_tokenizer", "encode", "train", "evaluate")
+STAGES = ("download", "fit_tokenizer", "encode", "train", "evaluate", "samples")
 
 # A model of a few thousand parameters, a 300-token BPE and a few dozen steps: every
 # stage runs, on the real tiny-Shakespeare text, in seconds.

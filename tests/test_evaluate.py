@@ -20,7 +20,8 @@ from llm.checkpoint import load_model_file, save_model_file
 from llm.config import GenerateConfig, ModelConfig
 from llm.encode import encode_corpus
 from llm.errors import DataError
-from llm.evaluate import evaluate_split, evaluate_splits, samples_report, window_plan
+from llm.evaluate import evaluate_split, evaluate_splits, window_plan
+from llm.generate import samples_report
 from llm.io import sha256_file
 from llm.model import GPT
 from llm.plots import plot_loss
@@ -124,7 +125,7 @@ def test_missing_split_is_a_clear_error(byte_shards: Path) -> None:
         evaluate_splits(UniformModel(256, 8), byte_shards, ["dev"])
 
 
-# --- the evaluate stage, end to end, on a tiny trained model -------------------------------------------
+# --- the evaluate and samples stages, end to end, on a tiny trained model ------------------------------
 
 def make_eval_project(root: Path, text: str, steps: int = 30) -> Path:
     """A project folder with params.yaml, a BPE tokenizer, shards, a briefly trained models/model.pt
@@ -168,14 +169,14 @@ def eval_project(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) ->
     return make_eval_project(tmp_path_factory.mktemp("project"), shakespeare.read_text(encoding="utf-8"))
 
 
-def run_stage_script(project: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py")], cwd=project,
+def run_stage_script(project: Path, stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=project,
                           capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
-def test_evaluate_stage_writes_metrics_plot_and_samples(eval_project: Path) -> None:
-    done = run_stage_script(eval_project)
+def test_evaluate_stage_writes_metrics_and_plot(eval_project: Path) -> None:
+    done = run_stage_script(eval_project, "evaluate")
     assert done.returncode == 0, done.stderr
     metrics = json.loads((eval_project / "metrics" / "eval.json").read_text())
     for split in ("valid", "test"):
@@ -183,12 +184,19 @@ def test_evaluate_stage_writes_metrics_plot_and_samples(eval_project: Path) -> N
         assert 0 < metrics[f"{split}_loss"] < math.log(300)  # trained: better than uniform
         assert metrics[f"{split}_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]))
     assert (eval_project / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (eval_project / "reports").exists()  # samples are the samples stage's
+
+
+@pytest.mark.slow
+def test_samples_stage_writes_seeded_samples_headed_by_their_settings(eval_project: Path) -> None:
+    done = run_stage_script(eval_project, "samples")
+    assert done.returncode == 0, done.stderr
     samples = (eval_project / "reports" / "samples.txt").read_text(encoding="utf-8")
     for setting in ("prompt: 'ROMEO:'", "max_length: 20", "temperature: 0.8", "top_k: 0", "top_p: 1.0",
                     "seed: 1337", "checkpoint step: 30"):
         assert setting in samples
     assert samples.count("=== sample") == 2 and samples.count("\nROMEO:") == 2
-    # Deterministic: the same model and data give the same samples (metrics: see the batching test).
+    # Deterministic: the same model and settings give the same samples.
     model, payload = load_model_file(eval_project / "models" / "model.pt")
     tokenizer = load_tokenizer(eval_project / "data" / "tokenizer.json")
     settings = GenerateConfig(prompt="ROMEO:", max_length=20, num_samples=2, temperature=0.8)
@@ -196,20 +204,42 @@ def test_evaluate_stage_writes_metrics_plot_and_samples(eval_project: Path) -> N
     assert samples_report(model, tokenizer, settings, 30) == samples
 
 
-def test_evaluate_stage_refuses_a_tokenizer_that_does_not_match(tmp_path: Path, eval_project: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def run_stage_in_process(project: Path, stage: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run a stage script as `python stages/<stage>.py` would, in this process; its exit code."""
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(ROOT / "stages" / f"{stage}.py"), run_name="__main__")
+    return exited.value.code
+
+
+def test_samples_stage_refuses_a_tokenizer_that_does_not_match(tmp_path: Path, eval_project: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(eval_project, project)
+    shutil.rmtree(project / "reports", ignore_errors=True)  # the other test may have written it
+    tokenizer = project / "data" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    assert run_stage_in_process(project, "samples", monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.json" in err and "does not match" in err
+    assert not (project / "reports").exists()
+
+
+def test_evaluate_stage_refuses_shards_of_another_tokenizer(tmp_path: Path, eval_project: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
     project = tmp_path / "project"
     shutil.copytree(eval_project, project)
     (project / "metrics" / "eval.json").unlink(missing_ok=True)  # the other test may have written one
-    tokenizer = project / "data" / "tokenizer.json"
-    tokenizer.write_text(tokenizer.read_text(encoding="utf-8") + "\n", encoding="utf-8")
-    monkeypatch.chdir(project)
-    with pytest.raises(SystemExit) as exited:
-        runpy.run_path(str(ROOT / "stages" / "evaluate.py"), run_name="__main__")
-    assert exited.value.code == 2
+    meta_path = project / "data" / "shards" / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["tokenizer_sha256"] = "f" * 64
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    assert run_stage_in_process(project, "evaluate", monkeypatch) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "tokenizer.json" in err and "does not match" in err
+    assert err.count("\n") == 1 and "models/model.pt: trained with tokenizer" in err
+    assert "meta.json was encoded with ffffffffffff" in err
     assert not (project / "metrics" / "eval.json").exists()
 
 
