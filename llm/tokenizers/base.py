@@ -31,9 +31,11 @@ TOKENIZER_TYPES: dict[str, type[Tokenizer]] = {}  # `type` of the file -> class;
 
 
 class Tokenizer(ABC):
-    """Text <-> token ids. Subclasses set `kind` (the file's `type`) and implement the abstract methods."""
+    """Text <-> token ids. Subclasses set `kind` (the file's `type`) and `_special` (special token -> id),
+    and implement the abstract methods."""
 
     kind: ClassVar[str] = ""
+    _special: dict[str, int]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -60,9 +62,9 @@ class Tokenizer(ABC):
         """Number of ids, special tokens included."""
 
     @property
-    @abstractmethod
     def special_tokens(self) -> dict[str, int]:
         """Special token string -> id."""
+        return dict(self._special)
 
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +97,18 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Iterable[str], *, allowed_special: AllowedSpecial = ()) -> list[list[int]]:
         """`encode` of each text (the per-word cache is shared across the batch)."""
         return [self.encode(text, allowed_special=allowed_special) for text in texts]
+
+    def _document(self, **state: Any) -> dict[str, Any]:
+        """The file's JSON object: `type`, `version` and `vocab_size`, then this tokenizer's `state`."""
+        return {"type": self.kind, "version": FORMAT_VERSION, "vocab_size": self.vocab_size, **state}
+
+    def _check_rebuilt(self, doc: dict[str, Any], source: str, built_from: str) -> None:
+        """Refuse a rebuilt tokenizer whose special token ids or size differ from what its file says."""
+        specials = doc_field(doc, "special_tokens", dict, source)
+        vocab_size = doc_field(doc, "vocab_size", int, source)
+        if self.special_tokens != specials or self.vocab_size != vocab_size:
+            raise TokenizerError(f"{source}: special token ids or vocab_size ({vocab_size}) do not match the "
+                                 f"{built_from}; the file is corrupt, re-run the fit_tokenizer stage")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as one JSON document, atomically."""

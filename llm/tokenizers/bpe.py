@@ -30,7 +30,6 @@ from llm.tokenizers._bpe_encode import CachedEncoder
 from llm.tokenizers._bpe_train import count_words, learn_merges
 from llm.tokenizers.base import (
     EOT,
-    FORMAT_VERSION,
     Tokenizer,
     check_count,
     check_special_tokens,
@@ -152,20 +151,14 @@ class BPETokenizer(Tokenizer):
         """Number of ids: 256 bytes + merges + special tokens."""
         return len(self._id_bytes)
 
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        """Special token string -> id (ids follow the merged tokens)."""
-        return dict(self._special)
-
     def mergeable_ranks(self) -> dict[bytes, int]:
         """Token bytes -> id for all non-special tokens, as `tiktoken.Encoding(mergeable_ranks=...)` takes."""
         return {token: rank for rank, token in enumerate(self.token_bytes)}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document: the pattern regex, merges as id pairs, and the special tokens."""
-        return {"type": self.kind, "version": FORMAT_VERSION, "vocab_size": self.vocab_size,
-                "pattern_name": self.pattern_name, "pattern": self.pattern,
-                "special_tokens": self._special, "merges": [list(m) for m in self.merges]}
+        return self._document(pattern_name=self.pattern_name, pattern=self.pattern,
+                              special_tokens=self._special, merges=[list(m) for m in self.merges])
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], source: str = "<dict>") -> BPETokenizer:
@@ -173,7 +166,6 @@ class BPETokenizer(Tokenizer):
         pattern = doc_field(doc, "pattern", str, source)
         merges = doc_field(doc, "merges", list, source)
         specials = doc_field(doc, "special_tokens", dict, source)
-        vocab_size = doc_field(doc, "vocab_size", int, source)
         if not all(isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m) for m in merges):
             raise TokenizerError(f"{source}: 'merges' must be a list of [id, id] pairs; the file is corrupt, "
                                  "re-run the fit_tokenizer stage")
@@ -183,7 +175,5 @@ class BPETokenizer(Tokenizer):
         except TokenizerError as exc:
             raise TokenizerError(f"{source}: {exc}; re-run the fit_tokenizer stage") from None
         tok = cls(merges, pattern, list(specials), source=source)
-        if tok.special_tokens != specials or tok.vocab_size != vocab_size:
-            raise TokenizerError(f"{source}: special token ids or vocab_size ({vocab_size}) do not match the "
-                                 "merges; the file is corrupt, re-run the fit_tokenizer stage")
+        tok._check_rebuilt(doc, source, "merges")
         return tok

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from llm.errors import TokenizerError
 from llm.tokenizers.base import (
     EOT,
-    FORMAT_VERSION,
     Tokenizer,
     check_count,
     check_special_tokens,
@@ -118,11 +117,6 @@ class SimpleTokenizer(Tokenizer):
         return len(self.vocab)
 
     @property
-    def special_tokens(self) -> dict[str, int]:
-        """Special token -> id, including `<pad>` (0) and `<unk>` (1)."""
-        return dict(self._special)
-
-    @property
     def unk_id(self) -> int:
         """Id of `<unk>`."""
         return self._special[UNK]
@@ -134,16 +128,14 @@ class SimpleTokenizer(Tokenizer):
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document: options, special tokens, and the words in id order."""
-        return {"type": self.kind, "version": FORMAT_VERSION, "vocab_size": self.vocab_size,
-                "lowercase": self.lowercase, "split_punctuation": self.split_punctuation,
-                "special_tokens": self._special, "words": self.vocab[len(self._special):]}
+        return self._document(lowercase=self.lowercase, split_punctuation=self.split_punctuation,
+                              special_tokens=self._special, words=self.vocab[len(self._special):])
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], source: str = "<dict>") -> SimpleTokenizer:
         """Rebuild from `to_dict()` output, checking every field."""
         specials = doc_field(doc, "special_tokens", dict, source)
         words = doc_field(doc, "words", list, source)
-        vocab_size = doc_field(doc, "vocab_size", int, source)
         options = {k: doc_field(doc, k, bool, source) for k in ("lowercase", "split_punctuation")}
         if not all(isinstance(w, str) for w in words):
             raise TokenizerError(f"{source}: 'words' must be a list of strings; the file is corrupt, "
@@ -152,7 +144,5 @@ class SimpleTokenizer(Tokenizer):
             tok = cls(words, list(specials), **options)
         except TokenizerError as exc:
             raise TokenizerError(f"{source}: {exc}") from None
-        if tok.special_tokens != specials or tok.vocab_size != vocab_size:
-            raise TokenizerError(f"{source}: words, special token ids and vocab_size ({vocab_size}) "
-                                 "disagree; the file is corrupt, re-run the fit_tokenizer stage")
+        tok._check_rebuilt(doc, source, "words")
         return tok
