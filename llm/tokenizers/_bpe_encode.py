@@ -24,8 +24,8 @@ from llm.tokenizers.patterns import (
     SPACE_CUT,
     is_space_cuttable,
     make_splitter,
+    piece_values,
     words_of_pieces,
-    words_per_piece,
 )
 
 CACHE_LIMIT = 200_000  # cached words / pieces before a cache is emptied: ~50 MB each, per encode worker
@@ -211,12 +211,8 @@ class CachedEncoder:
             self.cache_words({word for word in words if word not in cached})
             if one_each:
                 self.pieces.update(zip(group, map(cached.__getitem__, words)))
-                continue
-            for piece, piece_words in zip(group, words_per_piece(group, words)):
-                ids = cached[piece_words[0]]
-                if len(piece_words) > 1:
-                    ids = list(chain.from_iterable(map(cached.__getitem__, piece_words)))
-                self.pieces[piece] = ids
+            else:
+                self.pieces.update(zip(group, piece_values(group, words, cached.__getitem__)))
 
     def encode(self, text: str) -> list[int]:
         """Ids of ordinary text: cached space-cut pieces in the middle, the regex on the two ends."""

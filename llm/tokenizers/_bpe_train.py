@@ -22,12 +22,16 @@ from llm.tokenizers.patterns import (
     SPACE_CUT,
     is_space_cuttable,
     make_splitter,
+    piece_values,
     words_of_pieces,
-    words_per_piece,
 )
 
 PARALLEL_MIN_CHARS = 8_000_000  # below this, forking workers costs more than it saves
 MAX_TOKEN_ID = 0x10FFFF  # ids live in str characters
+
+
+def _alone(word: str) -> list[str]:
+    return [word]
 
 
 def _count_texts(texts: Sequence[str], pattern: str) -> Counter[str]:
@@ -54,7 +58,7 @@ def _count_texts(texts: Sequence[str], pattern: str) -> Counter[str]:
             for piece, word in zip(group, found):
                 words[word] += pieces[piece]
             continue
-        for piece, piece_words in zip(group, words_per_piece(group, found)):
+        for piece, piece_words in zip(group, piece_values(group, found, _alone)):
             count = pieces[piece]
             for word in piece_words:
                 words[word] += count
