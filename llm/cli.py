@@ -1,7 +1,7 @@
 """`llm` command line: `llm generate` streams a continuation of a prompt, `llm info` describes a checkpoint.
 
 Defaults of `generate` come from the `generate` section of ./params.yaml when there is one (else the
-dataclass defaults in llm.config), so `llm generate` samples like the evaluate stage does.
+dataclass defaults in llm.config), so `llm generate` samples like the samples stage does.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llm.config import GenerateConfig, RuntimeConfig, load_params
+from llm.config import DEVICES, GenerateConfig, RuntimeConfig, check_value, load_params
 from llm.errors import ConfigError, LLMError
 
 DEFAULT_CHECKPOINT = "models/model.pt"
@@ -72,13 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise ConfigError("--prompt is empty: give some text to continue")
-    for flag, value, ok in (("--max-length", args.max_length, args.max_length >= 1),
-                            ("--num-samples", args.num_samples, args.num_samples >= 1),
-                            ("--temperature", args.temperature, args.temperature >= 0),
-                            ("--top-k", args.top_k, args.top_k >= 0),
-                            ("--top-p", args.top_p, 0 < args.top_p <= 1)):
-        if not ok:
-            raise ConfigError(f"{flag} = {value}: out of range (see `llm generate --help`)")
+    for key in ("max_length", "num_samples", "temperature", "top_k", "top_p", "seed"):  # params' ranges
+        check_value(GenerateConfig, key, getattr(args, key), "--" + key.replace("_", "-"))
     if args.checkpoint == DEFAULT_CHECKPOINT and not Path(DEFAULT_CHECKPOINT).is_file() \
             and not Path("params.yaml").is_file():
         raise ConfigError("params.yaml: not found; run from the project root (where params.yaml is), "
@@ -119,6 +114,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_range(key: str, text: str) -> str:
+    """Help for a generate option, ending with its allowed values (the `generate` field's, in llm.config)."""
+    meta = GenerateConfig.__dataclass_fields__[key].metadata
+    low, high = meta["low"], meta["high"]
+    bounds = [] if low is None else [f"> {low:g}" if meta["low_open"] else f">= {low:g}"]
+    bounds += [] if high is None else [f"<= {high:g}"]
+    return f"{text}; {' and '.join(bounds)}" if bounds else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `llm` parser; generate's defaults are read from ./params.yaml when it exists."""
     gen, runtime = _project_defaults()
@@ -126,20 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     g = commands.add_parser("generate", help="continue a prompt, streaming tokens to stdout")
     g.add_argument("--prompt", default=gen.prompt, help="text to continue (default: %(default)r)")
-    g.add_argument("--max-length", type=int, default=gen.max_length, help="new tokens per sample, >= 1")
+    g.add_argument("--max-length", type=int, default=gen.max_length,
+                   help=_with_range("max_length", "new tokens per sample"))
     g.add_argument("--temperature", type=float, default=gen.temperature,
-                   help="sampling temperature, >= 0 (0 = greedy)")
+                   help=_with_range("temperature", "sampling temperature, 0 = greedy"))
     g.add_argument("--top-k", type=int, default=gen.top_k,
-                   help="keep the k most likely tokens, >= 0 (0 = off)")
+                   help=_with_range("top_k", "keep the k most likely tokens, 0 = off"))
     g.add_argument("--top-p", type=float, default=gen.top_p,
-                   help="nucleus probability mass, in (0, 1] (1 = off)")
+                   help=_with_range("top_p", "nucleus probability mass, 1 = off"))
     g.add_argument("--num-samples", type=int, default=gen.num_samples,
-                   help="continuations, one by one, >= 1")
-    g.add_argument("--seed", type=int, default=gen.seed, help="sampling seed")
+                   help=_with_range("num_samples", "continuations, one by one"))
+    g.add_argument("--seed", type=int, default=gen.seed, help=_with_range("seed", "sampling seed"))
     g.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="models/model.pt or a training checkpoint such as checkpoints/best_model.pt")
     g.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer the checkpoint used")
-    g.add_argument("--device", default=runtime.device, choices=("auto", "cuda", "mps", "cpu"))
+    g.add_argument("--device", default=runtime.device, choices=DEVICES)
     g.set_defaults(func=cmd_generate)
     info = commands.add_parser("info", help="print a checkpoint's config, size, step and metrics")
     info.add_argument("checkpoint", help="models/model.pt or a checkpoints/*.pt file")

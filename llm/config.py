@@ -30,6 +30,15 @@ from llm.errors import ConfigError
 
 WIKITEXT_DATASETS = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
 DATASETS = WIKITEXT_DATASETS + ("text_files", "url")
+SPLITS = ("train", "valid", "test")  # data/raw/<split>.txt, data/shards/<split>/, eval.splits
+DEVICES = ("auto", "cuda", "mps", "cpu")  # runtime.device, `llm generate --device`
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # runtime.precision
+SPECIAL_TOKENS_RULE = "must be distinct, non-empty strings"
+
+
+def special_tokens_valid(tokens: list) -> bool:
+    """Special tokens must be distinct, non-empty strings: in params.yaml and in a tokenizer alike."""
+    return all(isinstance(token, str) and token for token in tokens) and len(set(tokens)) == len(tokens)
 
 
 def _knob(default: Any, *, choices: tuple | None = None, low: float | None = None,
@@ -136,7 +145,7 @@ class EvalConfig:
 
 @dataclass
 class GenerateConfig:
-    """`generate`: the samples written by the evaluate stage (and `llm generate` defaults)."""
+    """`generate`: the samples stage's reports/samples.txt (and `llm generate` defaults)."""
 
     prompt: str = _knob("Once upon a time", doc="text to continue")
     max_length: int = _knob(100, low=1, doc="new tokens per sample")
@@ -151,8 +160,8 @@ class GenerateConfig:
 class RuntimeConfig:
     """`runtime`: knobs that do not change results; no stage declares them."""
 
-    device: str = _knob("auto", choices=("auto", "cuda", "mps", "cpu"), doc="where to train and evaluate")
-    precision: str = _knob("auto", choices=("auto", "fp32", "bf16", "fp16"), doc="autocast precision")
+    device: str = _knob("auto", choices=DEVICES, doc="where to train and evaluate")
+    precision: str = _knob("auto", choices=PRECISIONS, doc="autocast precision")
     compile: bool = _knob(False, doc="torch.compile the model")
     num_workers: int = _knob(0, low=0, doc="encode processes (0: all cores)")
     log_interval: int = _knob(10, low=1, doc="log training metrics every N steps")
@@ -229,8 +238,7 @@ def build_section(cls: type, raw: Any, *, source: str = "params.yaml", section: 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section {name!r} must be a mapping of key: value, got {raw!r}")
-    hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    known = [f.name for f in fields(cls)]
     values = {}
     for key, value in raw.items():
         where = f"{source}: {name}.{key}"
@@ -240,10 +248,17 @@ def build_section(cls: type, raw: Any, *, source: str = "params.yaml", section: 
                               f"allowed keys: {', '.join(settable)}")
         if (section, key) in DERIVED_KEYS:
             raise ConfigError(f"{where}: not a params.yaml key: {DERIVED_KEYS[(section, key)]}")
-        value = _coerce(where, value, hints[key])
-        _check_range(where, value, dict(known[key].metadata))
-        values[key] = value
+        values[key] = check_value(cls, key, value, where)
     return cls(**values)
+
+
+def check_value(cls: type, key: str, value: Any, where: str) -> Any:
+    """`value` checked against the type and allowed values of field `key` of the section dataclass `cls`
+    (ints are accepted where floats are); ConfigError names `where` (a params.yaml key, a CLI flag)."""
+    spec = next(f for f in fields(cls) if f.name == key)
+    value = _coerce(where, value, get_type_hints(cls)[key])
+    _check_range(where, value, dict(spec.metadata))
+    return value
 
 
 def _check_consistency(p: Params, source: str) -> None:
@@ -274,14 +289,14 @@ def _check_consistency(p: Params, source: str) -> None:
     if tk.tokenizer_type == "bpe" and tk.vocab_size < 256 + len(tk.special_tokens):
         fail("tokenizer.vocab_size", tk.vocab_size, f"a byte-level BPE needs at least 256 + "
              f"{len(tk.special_tokens)} special tokens = {256 + len(tk.special_tokens)}")
-    if len(set(tk.special_tokens)) != len(tk.special_tokens) or "" in tk.special_tokens:
-        fail("tokenizer.special_tokens", tk.special_tokens, "must be distinct, non-empty strings")
+    if not special_tokens_valid(tk.special_tokens):
+        fail("tokenizer.special_tokens", tk.special_tokens, SPECIAL_TOKENS_RULE)
     if p.eval.stride > m.max_seq_length:
         fail("eval.stride", p.eval.stride, f"must be <= model.max_seq_length ({m.max_seq_length}); "
              "0 means non-overlapping windows")
     for split in p.eval.splits:
-        if split not in ("train", "valid", "test"):
-            fail("eval.splits", p.eval.splits, f"{split!r} is not a split; use train, valid, test")
+        if split not in SPLITS:
+            fail("eval.splits", p.eval.splits, f"{split!r} is not a split; use {', '.join(SPLITS)}")
 
 
 def check_model_config(m: ModelConfig, source: str = "params.yaml") -> None:

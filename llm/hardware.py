@@ -8,10 +8,9 @@ import re
 
 import torch
 
+from llm.config import DEVICES, PRECISIONS
 from llm.errors import ConfigError
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense (no 2:4 sparsity) peak FLOP/s per GPU from NVIDIA datasheets: half = bf16/fp16 tensor cores with

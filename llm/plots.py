@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import os
-from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -12,23 +10,12 @@ from matplotlib.figure import Figure
 
 from llm.errors import DataError
 from llm.io import atomic_path
+from llm.trainlog import read_tsv
 
 
 def read_log(path: str | os.PathLike, columns: tuple[str, ...]) -> dict[str, list[float]]:
-    """The named numeric columns of a tab-separated log with a header row."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: training log not found; run the train stage first (`dvc repro train`)")
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: no column {', '.join(missing)} (header: {reader.fieldnames}); "
-                            "re-run the train stage")
-        try:
-            rows = [{c: float(row[c]) for c in columns} for row in reader]
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{path}: not a numeric log ({exc}); re-run the train stage") from None
+    """The named columns of a training log (metrics/*_log.tsv), each as a list."""
+    rows = read_tsv(path, columns)
     return {c: [row[c] for row in rows] for c in columns}
 
 

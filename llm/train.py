@@ -118,10 +118,7 @@ def validate(model: torch.nn.Module, data: TrainData, device: torch.device,
     if data.world > 1:
         dist.all_reduce(totals)
     nats, count = totals.tolist()
-    # Bytes covered: the split's UTF-8 bytes scaled by the share of its tokens scored (windows skip the
-    # first token and the tail), since token-to-byte offsets are not stored.
-    scored_bytes = data.val_tokens.num_bytes * count / len(data.val_tokens)
-    return nats / count, nats / (math.log(2) * scored_bytes)
+    return nats / count, data.val_tokens.bits_per_byte(nats / count)
 
 
 class StopSignals:

@@ -9,7 +9,7 @@ from llm.stage import dependencies_or_exit, run_stage
 
 with dependencies_or_exit():
     from llm.config import load_params
-    from llm.shards import encode_corpus
+    from llm.encode import encode_corpus
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from llm.config import DERIVED_KEYS, SECTIONS, Params, params_from_dict, section
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("llm", "stages", "dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
 DVC_FILES = ("config", "plots.html")  # the project's DVC settings and the offline plots page they name
-STAGES = ("download", "fit_tokenizer", "encode", "train", "evaluate")
+STAGES = ("download", "fit_tokenizer", "encode", "train", "evaluate", "samples")
 
 # A model of a few tens of thousands of parameters, a 300-token BPE and eight steps: every stage
 # runs, on the real tiny-Shakespeare text, in seconds.

@@ -146,8 +146,9 @@ def test_readme_table_matches_generated() -> None:
 
 
 def test_rerun_column_follows_dvc_yaml() -> None:
-    assert stages_rerun_by("train") == ["train", "evaluate"]
-    assert stages_rerun_by("tokenizer") == ["fit_tokenizer", "encode", "train", "evaluate"]
+    assert stages_rerun_by("train") == ["train", "evaluate", "samples"]
+    assert stages_rerun_by("tokenizer") == ["fit_tokenizer", "encode", "train", "evaluate", "samples"]
+    assert stages_rerun_by("generate") == ["samples"]
     assert stages_rerun_by("runtime") == []
 
 

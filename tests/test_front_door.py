@@ -59,7 +59,7 @@ def test_llm_generate_help_gives_the_range_of_every_checked_option(capsys) -> No
     help_text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]
     for option, allowed in (("--max-length MAX_LENGTH", ">= 1"), ("--num-samples NUM_SAMPLES", ">= 1"),
                             ("--temperature TEMPERATURE", ">= 0"), ("--top-k TOP_K", ">= 0"),
-                            ("--top-p TOP_P", "in (0, 1]")):
+                            ("--top-p TOP_P", "> 0 and <= 1"), ("--seed SEED", ">= 0")):
         described = help_text.split(option, 1)[1].split(" --", 1)[0]
         assert allowed in described, f"{option}: {described!r}"
 

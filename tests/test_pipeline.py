@@ -1,4 +1,4 @@
-"""End to end: the five stages under real DVC, caching, re-runs by params section, experiments.
+"""End to end: the six stages under real DVC, caching, re-runs by params section, experiments.
 
 One tiny project is built per module and the checks run in order on it, each
 leaving the project in the state the next one expects (the first repro is the
@@ -118,8 +118,8 @@ def run_experiment(project: Path, name: str, setting: str) -> list[str]:
     return stages_ran(output)
 
 
-def test_learning_rate_reruns_train_and_evaluate(project: Path, first_repro: str) -> None:
-    assert run_experiment(project, "lr-high", "train.learning_rate=0.01") == ["train", "evaluate"]
+def test_learning_rate_reruns_train_and_what_reads_the_model(project: Path, first_repro: str) -> None:
+    assert run_experiment(project, "lr-high", "train.learning_rate=0.01") == ["train", "evaluate", "samples"]
 
 
 def test_metrics_diff_shows_the_change(project: Path, first_repro: str) -> None:
@@ -136,7 +136,7 @@ def test_plots_show_writes_html_that_renders_offline(project: Path, first_repro:
 def test_vocab_size_reruns_everything_after_download(project: Path, first_repro: str) -> None:
     git(project, "checkout", "--", "params.yaml")  # back to the committed baseline
     ran = run_experiment(project, "vocab-320", "tokenizer.vocab_size=320")
-    assert ran == ["fit_tokenizer", "encode", "train", "evaluate"]
+    assert ran == ["fit_tokenizer", "encode", "train", "evaluate", "samples"]
     assert read_json(project / "data/tokenizer.json")["vocab_size"] == 320
 
 

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from llm.config import DataConfig
+from llm.config import SPLITS, DataConfig
 from llm.data import prepare_raw
 from llm.data.splits import assign_files, line_ranges
 from llm.data.text import iter_text
 from llm.errors import DataError
-
-SPLITS = ("train", "valid", "test")
 
 
 def _prepare(tmp_path: Path, folder: Path, out: str = "raw", **data) -> dict[str, bytes]:
@@ -118,7 +116,7 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path):
     folder = tmp_path / "latin1"
     folder.mkdir()
     (folder / "input.txt").write_bytes(b"ok line\n" * 1000 + "caf\u00e9\n".encode("latin-1"))
-    expected = r"latin1/input\.txt: not UTF-8 text \(bad byte 0xe9 at byte offset 8003\)"
+    expected = r"latin1/input\.txt: not valid UTF-8 at byte 8003 \(bad byte 0xe9\)"
     with pytest.raises(DataError, match=expected):
         _prepare(tmp_path, folder)
     assert not (tmp_path / "out" / "raw").exists()
@@ -126,7 +124,7 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path):
 
 def test_byte_offset_is_exact_across_chunk_boundaries():
     data = "\u00e9".encode() * 10 + b"\xff"
-    with pytest.raises(DataError, match="at byte offset 20"):
+    with pytest.raises(DataError, match="at byte 20 "):
         list(iter_text(io.BytesIO(data), "x", chunk_bytes=3))
 
 
@@ -151,3 +149,16 @@ def test_unusable_folders_raise_clear_errors(tmp_path, setup, message):
     with pytest.raises(DataError, match=message):
         _prepare(tmp_path, folder)
     assert not (tmp_path / "out" / "raw").exists()
+
+
+def test_a_killed_runs_staging_folder_is_removed_and_the_old_splits_replaced(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "input.txt").write_text("".join(f"line {i}\n" for i in range(30)))
+    out = tmp_path / "out"
+    (out / ".tmp-raw-killed" / "raw").mkdir(parents=True)  # what a SIGKILL mid-download leaves
+    (out / "raw").mkdir()
+    (out / "raw" / "stale.txt").write_text("from an older run")
+    assert _prepare(tmp_path, folder)["valid"] == b"line 27\nline 28\nline 29\n"
+    assert sorted(p.name for p in out.iterdir()) == ["raw"]
+    assert sorted(p.name for p in (out / "raw").iterdir()) == ["test.txt", "train.txt", "valid.txt"]

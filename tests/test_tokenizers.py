@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llm.config import TokenizerConfig
 from llm.errors import TokenizerError
 from llm.tokenizers import (
+    TOKENIZER_TYPES,
     BPETokenizer,
     SimpleTokenizer,
     Tokenizer,
@@ -93,6 +95,11 @@ def test_train_tokenizer_dispatches_and_rejects_unknown_types():
     assert isinstance(train_tokenizer("bpe", "ab ab ab", 258), BPETokenizer)
     with pytest.raises(TokenizerError, match="tokenizer_type = 'wordpiece': unknown"):
         train_tokenizer("wordpiece", "a b", 100)
+
+
+def test_params_offer_exactly_the_registered_tokenizer_types():
+    choices = TokenizerConfig.__dataclass_fields__["tokenizer_type"].metadata["choices"]
+    assert sorted(choices) == sorted(TOKENIZER_TYPES) == ["bpe", "simple"]
 
 
 def test_both_tokenizers_implement_the_interface():

@@ -1,13 +1,12 @@
 """A tiny training project in a temp folder: byte-token shards of real text, tiny params, the train stage.
 
-Tokens are the UTF-8 bytes of tiny Shakespeare (vocabulary 256), written in the
-shard format of llm.shards (meta.json + .npy files), so the trainer reads real
-text without waiting for a tokenizer to be fitted.
+Tokens are the UTF-8 bytes of tiny Shakespeare (a byte-level BPE without merges, vocabulary
+256), written by the encode stage's writer, so the trainer reads real text and real shards
+without waiting for a tokenizer to be fitted.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,40 +14,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from pipeline_project import write_params
 
 import llm.model
 from llm.config import Params
-from llm.io import sha256_file
+from llm.encode import encode_corpus
+from llm.tokenizers import BPETokenizer
 from llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_shards(project: Path, text: str, train_bytes: int = 8192, valid_bytes: int = 2048) -> None:
-    """data/shards (two shards for train, so reads cross a boundary) and a stand-in data/tokenizer.json."""
-    tokenizer = project / "data" / "tokenizer.json"
-    tokenizer.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.write_text(json.dumps({"type": "bytes", "version": 1}), encoding="utf-8")
-    data = text.encode("utf-8")
-    splits = {"train": data[:train_bytes], "valid": data[train_bytes:train_bytes + valid_bytes],
-              "test": data[train_bytes + valid_bytes:train_bytes + 2 * valid_bytes]}
-    meta: dict[str, Any] = {"format_version": 1, "tokenizer_sha256": sha256_file(tokenizer),
-                            "vocab_size": 256, "eot_id": None, "dtype": "uint16", "splits": {}}
-    for split, raw in splits.items():
-        tokens = np.frombuffer(raw, dtype=np.uint8).astype(np.uint16)
-        (project / "data" / "shards" / split).mkdir(parents=True, exist_ok=True)
-        names = []
-        for index, part in enumerate(np.array_split(tokens, 2 if split == "train" else 1)):
-            names.append(f"{split}/shard_{index:05d}.npy")
-            np.save(project / "data" / "shards" / names[-1], part)
-        meta["splits"][split] = {"num_tokens": len(tokens), "num_bytes": len(raw),
-                                 "num_words": len(raw.split()), "num_lines": raw.count(b"\n"),
-                                 "shards": names}
-    (project / "data" / "shards" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+def write_shards(project: Path, text: str, train_bytes: int = 8192, valid_bytes: int = 2048,
+                 shard_tokens: int | None = None) -> Path:
+    """data/raw, a byte-level data/tokenizer.json (no merges: token = byte) and data/shards, written by
+    the encode stage's own writer; train is cut into two shards (unless `shard_tokens` says otherwise),
+    so reads cross a boundary. Returns the shards folder."""
+    data = project / "data"
+    splits = {"train": text[:train_bytes], "valid": text[train_bytes:train_bytes + valid_bytes],
+              "test": text[train_bytes + valid_bytes:train_bytes + 2 * valid_bytes]}
+    (data / "raw").mkdir(parents=True, exist_ok=True)
+    for split, part in splits.items():
+        (data / "raw" / f"{split}.txt").write_text(part, encoding="utf-8")
+    BPETokenizer([], special_tokens=()).save(data / "tokenizer.json")
+    encode_corpus(data / "raw", data / "tokenizer.json", data / "shards",
+                  shard_tokens=shard_tokens or -(-train_bytes // 2), num_workers=1)
+    return data / "shards"
 
 
 def make_project(root: Path, text: str, **sections: dict[str, Any]) -> Path:

@@ -11,10 +11,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from llm.config import WIKITEXT_DATASETS, DataConfig
+from llm.config import SPLITS, WIKITEXT_DATASETS, DataConfig
 from llm.data.archives import Archive, kind_of, open_gzip_text
 from llm.data.download import RetryPolicy, fetch
-from llm.data.splits import SPLITS, Plan, TextSource, assign_files, file_source
+from llm.data.splits import Plan, TextSource, assign_files, file_source
 from llm.errors import DataError
 
 WIKITEXT_BASE_URL = "https://wikitext.smerity.com"

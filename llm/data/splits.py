@@ -14,10 +14,10 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from llm.config import SPLITS
 from llm.data.text import SplitStats, SplitWriter, iter_lines, iter_text
 from llm.errors import DataError
 
-SPLITS = ("train", "valid", "test")
 # What corrupt zip / tar / gzip streams raise while being read.
 READ_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from llm.errors import DataError
+from llm.io import utf8_error
 
 CHUNK_BYTES = 1 << 20
 
@@ -28,9 +28,7 @@ def iter_text(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> It
         try:
             decoded = decoder.decode(block, final=final)
         except UnicodeDecodeError as exc:
-            offset = consumed - pending + exc.start
-            raise DataError(f"{name}: not UTF-8 text (bad byte {exc.object[exc.start]:#04x} at byte offset "
-                            f"{offset}); convert it to UTF-8 (e.g. iconv -t UTF-8) or remove it") from None
+            raise utf8_error(name, exc, consumed - pending) from None
         consumed += len(block)
         if first and decoded:
             decoded, first = decoded.removeprefix("\ufeff"), False
@@ -79,7 +77,7 @@ class SplitWriter:
         self.path = path
         self.stats = SplitStats()
         self._file = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed in close())
-        self._ends_line = True
+        self._ends_line = True  # close() counts an unfinished last line
 
     def write(self, text: str) -> None:
         """Append text; words are counted per call, so callers pass whole lines or line-ending pieces."""
@@ -90,11 +88,6 @@ class SplitWriter:
         self.stats.words += len(text.split())
         self.stats.bytes += len(text.encode("utf-8"))
         self._ends_line = text.endswith("\n")
-
-    def end_line(self) -> None:
-        """Terminate an unfinished last line, so the next file's text starts on a line of its own."""
-        if not self._ends_line:
-            self.write("\n")
 
     def close(self) -> SplitStats:
         """Close the file and return its statistics (a last line without `\\n` still counts)."""

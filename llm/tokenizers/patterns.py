@@ -97,3 +97,22 @@ def words_of_pieces(findall: Callable[[str], list[str]],
     for group in (ascii_other, other):
         if group:
             yield group, findall(" " + " ".join(group)), False
+
+
+def piece_values(group: list[str], words: list[str], value: Callable[[str], list]) -> Iterator[list]:
+    """For each piece of a `words_of_pieces` group, in order: the concatenated `value(word)` of its words.
+
+    Piece k owns the next matches whose lengths add up to len(piece) + 1 (its leading space). With
+    `value` = the word's token ids this gives the piece's ids; with `value` = [word], its words.
+    """
+    matches = iter(words)
+    for piece in group:
+        word = next(matches)
+        left, values = len(piece) + 1 - len(word), value(word)
+        if left:
+            values = values.copy()
+            while left:
+                word = next(matches)
+                left -= len(word)
+                values += value(word)
+        yield values

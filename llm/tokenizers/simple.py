@@ -22,19 +22,20 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm.errors import TokenizerError
 from llm.tokenizers.base import (
     EOT,
-    FORMAT_VERSION,
-    AllowedSpecial,
     Tokenizer,
+    check_count,
     check_special_tokens,
-    check_vocab_size,
     doc_field,
     training_texts,
 )
+
+if TYPE_CHECKING:
+    from llm.config import TokenizerConfig
 
 PAD, UNK = "<pad>", "<unk>"
 _WORD_OR_PUNCT = re.compile(r"\w+|[^\w\s]")
@@ -69,9 +70,9 @@ class SimpleTokenizer(Tokenizer):
               special_tokens: Iterable[str] = (EOT,)) -> SimpleTokenizer:
         """Keep the `vocab_size` - specials most frequent words occurring >= `min_frequency` times."""
         specials = [PAD, UNK] + [s for s in check_special_tokens(special_tokens) if s not in (PAD, UNK)]
-        vocab_size = check_vocab_size(vocab_size, len(specials) + 1, f"{len(specials)} specials + 1 word")
-        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
-            raise TokenizerError(f"min_frequency = {min_frequency!r}: must be an integer >= 1")
+        vocab_size = check_count("vocab_size", vocab_size, len(specials) + 1,
+                                 f"{len(specials)} specials + 1 word")
+        check_count("min_frequency", min_frequency, 1)
         splitter = cls([], specials, lowercase=lowercase, split_punctuation=split_punctuation)
         counts: Counter[str] = Counter()
         for item in training_texts(text):
@@ -86,19 +87,20 @@ class SimpleTokenizer(Tokenizer):
                           f"not {vocab_size}", stacklevel=2)
         return cls(ranked[:room], specials, lowercase=lowercase, split_punctuation=split_punctuation)
 
-    def encode(self, text: str, *, allowed_special: AllowedSpecial = ()) -> list[int]:
-        """Word ids of `text` (`<unk>` for unknown words); specials count only if allowed."""
+    @classmethod
+    def fit(cls, text: str | Iterable[str], config: TokenizerConfig, *, progress: bool = False,
+            num_workers: int = 0) -> SimpleTokenizer:
+        """`train` with the `tokenizer` params section (one quick pass: no progress bar, no workers)."""
+        return cls.train(text, config.vocab_size, min_frequency=config.min_frequency,
+                         lowercase=config.lowercase, split_punctuation=config.split_punctuation,
+                         special_tokens=config.special_tokens)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Word ids of `text`, `<unk>` for unknown words; special-token strings are words like any other."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode: expected str, got {type(text).__name__}")
-        allowed = self._resolve_allowed(allowed_special)
         get, unk = self._word_ids.get, self._special[UNK]
-        if not allowed:
-            return [get(w, unk) for w in self.words(text)]
-        splitter = re.compile("(" + "|".join(map(re.escape, sorted(allowed, key=len, reverse=True))) + ")")
-        ids: list[int] = []
-        for i, part in enumerate(splitter.split(text)):
-            ids.extend([allowed[part]] if i % 2 else [get(w, unk) for w in self.words(part)])
-        return ids
+        return [get(word, unk) for word in self.words(text)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Words of `ids` joined by single spaces (original spacing and case are not restored)."""
@@ -115,11 +117,6 @@ class SimpleTokenizer(Tokenizer):
         return len(self.vocab)
 
     @property
-    def special_tokens(self) -> dict[str, int]:
-        """Special token -> id, including `<pad>` (0) and `<unk>` (1)."""
-        return dict(self._special)
-
-    @property
     def unk_id(self) -> int:
         """Id of `<unk>`."""
         return self._special[UNK]
@@ -131,16 +128,14 @@ class SimpleTokenizer(Tokenizer):
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document: options, special tokens, and the words in id order."""
-        return {"type": self.kind, "version": FORMAT_VERSION, "vocab_size": self.vocab_size,
-                "lowercase": self.lowercase, "split_punctuation": self.split_punctuation,
-                "special_tokens": self._special, "words": self.vocab[len(self._special):]}
+        return self._document(lowercase=self.lowercase, split_punctuation=self.split_punctuation,
+                              special_tokens=self._special, words=self.vocab[len(self._special):])
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], source: str = "<dict>") -> SimpleTokenizer:
         """Rebuild from `to_dict()` output, checking every field."""
         specials = doc_field(doc, "special_tokens", dict, source)
         words = doc_field(doc, "words", list, source)
-        vocab_size = doc_field(doc, "vocab_size", int, source)
         options = {k: doc_field(doc, k, bool, source) for k in ("lowercase", "split_punctuation")}
         if not all(isinstance(w, str) for w in words):
             raise TokenizerError(f"{source}: 'words' must be a list of strings; the file is corrupt, "
@@ -149,7 +144,5 @@ class SimpleTokenizer(Tokenizer):
             tok = cls(words, list(specials), **options)
         except TokenizerError as exc:
             raise TokenizerError(f"{source}: {exc}") from None
-        if tok.special_tokens != specials or tok.vocab_size != vocab_size:
-            raise TokenizerError(f"{source}: words, special token ids and vocab_size ({vocab_size}) "
-                                 "disagree; the file is corrupt, re-run the fit_tokenizer stage")
+        tok._check_rebuilt(doc, source, "words")
         return tok
