@@ -82,8 +82,10 @@ class Fingerprint:
                 "tokenizer_sha256": self.tokenizer_sha256, "code": dict(self.code)}
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Fingerprint:
-        """Inverse of to_dict (missing parts become empty, so they differ)."""
+    def from_dict(cls, raw: Any) -> Fingerprint:
+        """Inverse of to_dict (missing parts become empty, so they differ; so does a checkpoint of an older
+        layout, whose `fingerprint` was a digest string)."""
+        raw = raw if isinstance(raw, dict) else {}
         return cls(model=dict(raw.get("model", {})), train=dict(raw.get("train", {})),
                    shards_sha256=str(raw.get("shards_sha256", "")),
                    tokenizer_sha256=str(raw.get("tokenizer_sha256", "")), code=dict(raw.get("code", {})))

@@ -185,6 +185,20 @@ def test_code_hashes_cover_every_python_file_of_the_train_deps(tmp_path: Path) -
     assert sorted(code_hashes()) == sorted(dep for dep in train_deps if dep.endswith(".py"))
 
 
+def test_a_checkpoint_of_the_older_layout_is_not_resumed(tmp_path: Path, shakespeare_text: str, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    project = make_project(tmp_path / "p", shakespeare_text)
+    crash_in_forward(monkeypatch, project, write_params(project))
+    last = project / "checkpoints" / "last.pt"
+    payload = read_checkpoint(last)
+    payload["fingerprint"] = "9f2c" * 16  # the layout before code hashes: a digest, the parts elsewhere
+    torch.save(payload, last)
+    capsys.readouterr()
+    train(write_params(project), **outputs(project))
+    said = capsys.readouterr().out
+    assert f"not resuming from {last}: model." in said and "the code changed" in said
+
+
 def test_checkpoint_of_another_process_count_says_so(tmp_path: Path, shakespeare_text: str, capsys,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     project = make_project(tmp_path / "p", shakespeare_text)

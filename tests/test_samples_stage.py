@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pipeline_project import STAGES, TINY_PARAMS, build_project, dvc, set_param, stages_ran, stages_skipped
+from pipeline_project import STAGES, TINY_PARAMS, build_project, dvc, edit_params, stages_ran, stages_skipped
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ def test_sampling_and_scoring_params_rerun_only_their_own_stage(tmp_path: Path, 
     assert stages_ran(dvc(project, "repro").stdout) == list(STAGES)
     scores = (project / "metrics" / "eval.json").read_bytes()
 
-    set_param(project, "generate.prompt", "ROMEO:")
+    edit_params(project, generate={"prompt": "ROMEO:"})
     output = dvc(project, "repro").stdout
     assert stages_ran(output) == ["samples"], output
     assert sorted(stages_skipped(output)) == sorted(set(STAGES) - {"samples"}), output
@@ -24,6 +24,6 @@ def test_sampling_and_scoring_params_rerun_only_their_own_stage(tmp_path: Path, 
     assert samples.count("\nROMEO:") == TINY_PARAMS["generate"]["num_samples"]
     assert (project / "metrics" / "eval.json").read_bytes() == scores  # nothing was re-scored
 
-    set_param(project, "eval.batch_size", 16)
+    edit_params(project, eval={"batch_size": 16})
     assert stages_ran(dvc(project, "repro").stdout) == ["evaluate"]
     assert (project / "reports" / "samples.txt").read_text(encoding="utf-8") == samples
