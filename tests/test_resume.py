@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -185,33 +186,38 @@ def test_code_hashes_cover_every_python_file_of_the_train_deps(tmp_path: Path) -
     assert sorted(code_hashes()) == sorted(dep for dep in train_deps if dep.endswith(".py"))
 
 
-def test_a_checkpoint_of_the_older_layout_is_not_resumed(tmp_path: Path, shakespeare_text: str, capsys,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    project = make_project(tmp_path / "p", shakespeare_text)
+def rerun_with_an_edited_last_pt(tmp_path: Path, text: str, monkeypatch: pytest.MonkeyPatch, capsys,
+                                 edit: Callable[[dict], None]) -> str:
+    """Crash a run in step 7 (last.pt at step 4), edit last.pt's payload, train again; what that printed."""
+    project = make_project(tmp_path / "p", text)
     crash_in_forward(monkeypatch, project, write_params(project))
     last = project / "checkpoints" / "last.pt"
     payload = read_checkpoint(last)
-    payload["fingerprint"] = "9f2c" * 16  # the layout before code hashes: a digest, the parts elsewhere
+    edit(payload)
     torch.save(payload, last)
     capsys.readouterr()
     train(write_params(project), **outputs(project))
-    said = capsys.readouterr().out
-    assert f"not resuming from {last}: model." in said and "the code changed" in said
+    return capsys.readouterr().out.replace(f"{project}/", "")
+
+
+def test_a_checkpoint_of_the_older_layout_is_not_resumed(tmp_path: Path, shakespeare_text: str, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def older_layout(payload: dict) -> None:  # before code hashes: a digest here, the parts elsewhere
+        payload["fingerprint"] = "9f2c" * 16
+
+    said = rerun_with_an_edited_last_pt(tmp_path, shakespeare_text, monkeypatch, capsys, older_layout)
+    assert "not resuming from checkpoints/last.pt: model." in said and "the code changed" in said
 
 
 def test_checkpoint_of_another_process_count_says_so(tmp_path: Path, shakespeare_text: str, capsys,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    project = make_project(tmp_path / "p", shakespeare_text)
-    crash_in_forward(monkeypatch, project, write_params(project))
-    last = project / "checkpoints" / "last.pt"
-    payload = read_checkpoint(last)
-    payload["rng"] = payload["rng"] * 4  # as written by 4 processes
-    torch.save(payload, last)
-    capsys.readouterr()
-    train(write_params(project), **outputs(project))
+    def four_processes(payload: dict) -> None:
+        payload["rng"] = payload["rng"] * 4
+
+    said = rerun_with_an_edited_last_pt(tmp_path, shakespeare_text, monkeypatch, capsys, four_processes)
     message = ("the checkpoint was written by 4 processes, this run has 1: dropout draws new random numbers "
                "from here on")
-    assert message in capsys.readouterr().out
+    assert message in said
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert message in readme, "README's troubleshooting section quotes the message"
 
