@@ -21,6 +21,10 @@ class CheckpointError(LLMError):
     """A checkpoint or model file is missing, corrupt, or does not match its inputs."""
 
 
+class OutputError(LLMError):
+    """An output cannot be written: a folder on its path is a file, it is itself a folder, no access."""
+
+
 class Interrupted(Exception):
     """Training stopped on SIGINT or SIGTERM after saving its state; the exit status is 128 + signum."""
 

@@ -19,7 +19,6 @@ import dataclasses
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,12 +35,12 @@ from llm.config import Params, TrainConfig, section_dict
 from llm.errors import CheckpointError, Interrupted, LLMError
 from llm.fingerprint import code_hashes, make_fingerprint
 from llm.hardware import autocast, mfu, resolve_device, resolve_precision
-from llm.io import write_json_atomic
+from llm.io import check_outputs, write_json_atomic
 from llm.model import GPT
 from llm.optim import make_optimizer
 from llm.resume import Start, load_state, plan_start
 from llm.train_data import TrainData
-from llm.trainlog import TrainLog
+from llm.trainlog import TRAIN_LOG, VAL_LOG, TrainLog
 
 LAST = "last.pt"
 BEST = "best_model.pt"
@@ -90,17 +89,6 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
-
-
-def _check_writable(folder: Path) -> None:
-    """Fail before training, not after hours, when an output folder cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise CheckpointError(f"{folder}: cannot write there ({type(exc).__name__}: {exc}); "
-                              "make it a writable folder") from None
 
 
 @torch.no_grad()
@@ -327,9 +315,6 @@ class Trainer:
 
         SIGINT or SIGTERM stops the run after the current step with checkpoints/last.pt written, so the
         next run continues from that step (raises Interrupted)."""
-        if self.ranks.main:
-            for folder in (self.checkpoint_dir, self.model_path.parent, self.metrics_dir):
-                _check_writable(folder)
         runtime, cfg = self.params.runtime, self.cfg
         tokens_per_step = cfg.batch_size * self.data.seq_len
         self._say(f"training {self.raw_model.num_params():,} parameters on {self.device.type} x "
@@ -416,6 +401,10 @@ def train(params: Params, *, shards_dir: str | os.PathLike = "data/shards",
     device = resolve_device(params.runtime.device)
     ranks, joined = _start_distributed(device)
     try:
+        if ranks.main:  # before any work: every output can be written; what killed runs left is removed
+            metrics, checkpoints = Path(metrics_dir), Path(checkpoint_dir)
+            check_outputs(model_path, metrics / "train.json", metrics / TRAIN_LOG, metrics / VAL_LOG,
+                          checkpoints / LAST, checkpoints / BEST)
         trainer = Trainer(params, device, ranks, shards_dir=Path(shards_dir),
                           tokenizer_path=Path(tokenizer_path), checkpoint_dir=Path(checkpoint_dir),
                           model_path=Path(model_path), metrics_dir=Path(metrics_dir))

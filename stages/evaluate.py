@@ -12,16 +12,18 @@ with dependencies_or_exit():
     from llm.config import load_params
     from llm.evaluate import check_same_tokenizer, evaluate_splits
     from llm.hardware import autocast, resolve_device, resolve_precision
-    from llm.io import write_json_atomic
+    from llm.io import check_outputs, write_json_atomic
     from llm.plots import plot_loss, run_title
     from llm.shards import read_meta
 
 MODEL, SHARDS = Path("models/model.pt"), Path("data/shards")
 TRAIN_LOG, VAL_LOG = Path("metrics/train_log.tsv"), Path("metrics/val_log.tsv")
+EVAL_JSON, LOSS_PLOT = Path("metrics/eval.json"), Path("plots/loss.png")
 
 
 def main() -> None:
-    params = load_params()
+    params = load_params(sections=("eval",))
+    check_outputs(EVAL_JSON, LOSS_PLOT)
     device = resolve_device(params.runtime.device)
     precision = resolve_precision(params.runtime.precision, device)
     model, payload = load_model_file(MODEL, device)
@@ -30,9 +32,9 @@ def main() -> None:
     with autocast(precision, device):
         metrics = evaluate_splits(model, SHARDS, params.eval.splits, stride=params.eval.stride,
                                   batch_size=params.eval.batch_size, progress=params.runtime.progress)
-    write_json_atomic("metrics/eval.json", metrics)
+    write_json_atomic(EVAL_JSON, metrics)
     title = run_title(payload, shards_meta.get("tokenizer_type", "?"))
-    plot_loss(TRAIN_LOG, VAL_LOG, "plots/loss.png", title)
+    plot_loss(TRAIN_LOG, VAL_LOG, LOSS_PLOT, title)
     print(", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
 
 

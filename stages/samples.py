@@ -12,7 +12,7 @@ with dependencies_or_exit():
     from llm.config import load_params
     from llm.generate import check_tokenizer_matches, samples_report
     from llm.hardware import autocast, resolve_device, resolve_precision
-    from llm.io import write_text_atomic
+    from llm.io import check_outputs, write_text_atomic
     from llm.tokenizers import load_tokenizer
 
 MODEL, TOKENIZER, SAMPLES = Path("models/model.pt"), Path("data/tokenizer.json"), Path("reports/samples.txt")
@@ -20,7 +20,8 @@ MODEL, TOKENIZER, SAMPLES = Path("models/model.pt"), Path("data/tokenizer.json")
 
 def main() -> None:
     """Sample with the generate params (seeded) and write the report."""
-    params = load_params()
+    params = load_params(sections=("generate",))
+    check_outputs(SAMPLES)
     device = resolve_device(params.runtime.device)
     precision = resolve_precision(params.runtime.precision, device)
     model, payload = load_model_file(MODEL, device)

@@ -19,7 +19,7 @@ with dependencies_or_exit():
 
 def main() -> None:
     """Train with params.yaml, in this process or under torchrun."""
-    params = load_params()
+    params = load_params(sections=("model", "train"))
     exit_code = relaunch_under_torchrun(params.runtime.nproc_per_node, str(Path(__file__).resolve()))
     if exit_code is not None:
         sys.exit(exit_code)

@@ -23,7 +23,7 @@ from pipeline_project import build_project, dvc, edit_params, read_params, stage
 import llm.checkpoint
 from llm.checkpoint import read_checkpoint, save_training_checkpoint
 from llm.config import load_params
-from llm.errors import CheckpointError
+from llm.errors import CheckpointError, OutputError
 from llm.train import lr_at, train
 from llm.trainlog import read_tsv
 
@@ -190,8 +190,8 @@ def test_checkpoint_folder_that_is_a_file_is_a_clear_error(shards: Path, tmp_pat
     project = shards
     blocker = tmp_path / "checkpoints"
     blocker.write_text("a file where the folder should be\n")
-    expected = f"{re.escape(str(blocker))}: cannot write there .*make it a writable folder"
-    with pytest.raises(CheckpointError, match=expected):
+    expected = f"{re.escape(str(blocker))}: is a file, but .* must be written inside it as a folder"
+    with pytest.raises(OutputError, match=expected):
         train(load_params(project / "params.yaml"), shards_dir=project / "data/shards",
               tokenizer_path=project / "data/tokenizer.json", checkpoint_dir=blocker,
               model_path=tmp_path / "models/model.pt", metrics_dir=tmp_path / "metrics")

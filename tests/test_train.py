@@ -22,7 +22,7 @@ from train_project import (
 import llm.checkpoint
 from llm.checkpoint import load_model_file, read_checkpoint
 from llm.config import TrainConfig
-from llm.errors import CheckpointError, LLMError
+from llm.errors import CheckpointError, LLMError, OutputError
 from llm.fingerprint import describe_changes, make_fingerprint
 from llm.resume import KEEP_NOTE
 from llm.train import TIMING_METRICS, lr_at, train
@@ -146,7 +146,7 @@ def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path: Path, shakespeare_
     params = write_params(project)
     blocker = project / "checkpoints"
     blocker.write_text("a file where the checkpoint folder should be", encoding="utf-8")
-    with pytest.raises(CheckpointError, match=f"{blocker}: cannot write there"):
+    with pytest.raises(OutputError, match=f"{blocker}: is a file, but .*last.pt must be written inside it"):
         train(params, **outputs(project))
 
 
