@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from llm.config import ModelConfig
-from llm.errors import CheckpointError
+from llm.config import ModelConfig, model_config_from_dict
+from llm.errors import CheckpointError, ConfigError, one_line, shorten
 from llm.io import atomic_path
 
 MODEL_FORMAT_VERSION = 1
@@ -62,33 +62,55 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: checkpoint not found; run `dvc repro` (or `dvc pull`) first")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); delete it and re-run training") from None
-    if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no model / model_config)")
+    except Exception as exc:  # torch raises many types for truncated, empty or foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(exc)}); delete it and "
+                              "re-run training") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) \
+            or "model_config" not in payload:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no model / model_config); "
+                              "delete it and re-run training")
     return payload
+
+
+def stored_model_config(path: str | os.PathLike, payload: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig a model file records, checked like params.yaml's `model` section (types and
+    ranges), so that a corrupt or crafted file is one CheckpointError rather than a crash in GPT()."""
+    version = payload.get("format_version", MODEL_FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: format_version {version!r} is not a version number; the file is "
+                              "corrupt: delete it and re-run training")
+    if version > MODEL_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} is newer than this code "
+                              f"({MODEL_FORMAT_VERSION}); upgrade the llm package")
+    try:
+        return model_config_from_dict(payload["model_config"], source=str(path))
+    except ConfigError as exc:
+        raise CheckpointError(f"{exc}; the file is corrupt or not this project's: delete it and re-run "
+                              "training") from None
 
 
 def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu"
                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the GPT from a model file or training checkpoint; returns (model in eval mode, payload)."""
+    from llm.memory import check_weights_fit
     from llm.model import GPT
 
     payload = read_checkpoint(path, map_location="cpu")
-    version = payload.get("format_version", MODEL_FORMAT_VERSION)
-    if version > MODEL_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version} is newer than this code "
-                              f"({MODEL_FORMAT_VERSION}); upgrade the llm package")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in payload["model_config"].items() if k in known})
+    config = stored_model_config(path, payload)
+    check_weights_fit(config, str(path))
     model = GPT(config)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the stored model config: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+    load_weights(model, payload["model"], f"{path}: its weights do not match its model config")
     return model.to(device).eval(), payload
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], what: str) -> None:
+    """model.load_state_dict(state), or CheckpointError `what: <every key and shape that differs>`."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        header = f"Error(s) in loading state_dict for {type(model).__name__}:"  # what differs comes after
+        raise CheckpointError(f"{what} ({shorten(str(exc).strip().removeprefix(header))}); "
+                              "delete the file and re-run training") from None
 
 
 def save_training_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -97,8 +119,7 @@ def save_training_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -
     try:
         _save(payload, path)
     except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: could not write the checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); "
+        raise CheckpointError(f"{path}: could not write the checkpoint ({one_line(exc)}); "
                               f"make {path.parent} a writable folder with free space; the previous "
                               f"checkpoint, if any, is intact") from None
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import TrainingCheckpoint
+from llm.checkpoint import TrainingCheckpoint, load_weights
 from llm.config import ModelConfig, TrainConfig
 from llm.errors import CheckpointError
 from llm.fingerprint import Fingerprint, describe_changes, dict_changes
@@ -130,11 +130,7 @@ def load_state(start: Start, model: torch.nn.Module, optimizer: torch.optim.Opti
     checkpoint = start.checkpoint
     if checkpoint is None:
         return
-    try:
-        model.load_state_dict(checkpoint.model)
-    except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0]
-        raise CheckpointError(f"checkpoint weights do not fit the model: {first_line}") from None
+    load_weights(model, checkpoint.model, "checkpoint weights do not fit the model")
     if not start.optimizer:
         return
     current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]

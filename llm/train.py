@@ -36,6 +36,7 @@ from llm.errors import CheckpointError, Interrupted, LLMError
 from llm.fingerprint import code_hashes, make_fingerprint
 from llm.hardware import autocast, mfu, resolve_device, resolve_precision
 from llm.io import check_outputs, write_json_atomic
+from llm.memory import check_training_fits
 from llm.model import GPT
 from llm.optim import make_optimizer
 from llm.resume import Start, load_state, plan_start
@@ -172,6 +173,7 @@ class Trainer:
         self.model_config, self.total_steps = self.data.model_config, self.data.total_steps
         self.fingerprint = make_fingerprint(self.model_config, self.cfg, self.data.shards_sha256,
                                             self.data.tokenizer_sha256, code_hashes())
+        check_training_fits(self.model_config, self.cfg, device, ranks.world, self.precision)
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank and every run
         self.raw_model = GPT(self.model_config).to(self.device)
         self.optimizer = make_optimizer(self.raw_model, self.cfg.learning_rate, self.cfg.weight_decay,

@@ -235,3 +235,16 @@ def test_logs_continue_after_resume_without_duplicates(tmp_path: Path, shakespea
     assert [r[0] for r in after_train] == [2, 4, 6, 8]
     assert [r["step"] for r in after_val] == [4, 8]
     assert after_train[:2] == before_train and after_val[:1] == before_val
+
+
+def test_an_empty_last_pt_is_not_resumed_and_training_starts_fresh(tmp_path: Path, shakespeare_text: str,
+                                                                   capsys) -> None:
+    """A 0-byte last.pt (a crash right after its rename, before the fsyncs) is unreadable like any other."""
+    project = make_project(tmp_path / "p", shakespeare_text)
+    last = project / "checkpoints" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    train(write_params(project), **outputs(project))
+    said = capsys.readouterr().out
+    assert f"not resuming: {last}: not a readable checkpoint (EOFError);" in said and "; starting fresh" in said
+    assert read_checkpoint(last)["step"] == 8
