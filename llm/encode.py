@@ -109,31 +109,42 @@ def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, int, int, int]:
 
 
 class _ShardWriter:
-    """Appends tokens to `shard_NNNNN.npy` files of at most `shard_tokens` tokens each."""
+    """Appends tokens to `shard_NNNNN.npy` files of at most `shard_tokens` tokens each.
+
+    Tokens wait in the arrays they came in until a shard is full, so memory follows the text actually
+    encoded, not `shard_tokens` (a huge encode.shard_tokens on a small corpus allocates nothing extra).
+    """
 
     def __init__(self, split_dir: Path, shard_tokens: int, dtype: str) -> None:
         split_dir.mkdir(parents=True)
-        self.split_dir, self.buffer, self.fill = split_dir, np.empty(shard_tokens, dtype=dtype), 0
+        self.split_dir, self.shard_tokens, self.dtype = split_dir, shard_tokens, dtype
+        self.pending: list[np.ndarray] = []
+        self.fill = 0
         self.names: list[str] = []
         self.num_tokens = 0
 
     def add(self, tokens: np.ndarray) -> None:
         """Append tokens, writing each shard as soon as it is full."""
         while len(tokens):
-            take = min(len(self.buffer) - self.fill, len(tokens))
-            self.buffer[self.fill:self.fill + take] = tokens[:take]
+            take = min(self.shard_tokens - self.fill, len(tokens))
+            self.pending.append(tokens[:take])
             self.fill, tokens = self.fill + take, tokens[take:]
             self.num_tokens += take
-            if self.fill == len(self.buffer):
+            if self.fill == self.shard_tokens:
                 self.flush()
 
     def flush(self) -> None:
-        """Write the buffered tokens (if any) as the next shard."""
+        """Write the waiting tokens (if any) as the next shard."""
         if self.fill:
             name = f"shard_{len(self.names):05d}.npy"
-            np.save(self.split_dir / name, self.buffer[:self.fill])
+            try:
+                shard = np.concatenate(self.pending).astype(self.dtype, copy=False)
+            except MemoryError:
+                raise DataError(f"encode.shard_tokens = {self.shard_tokens}: a shard of {self.fill:,} tokens "
+                                "does not fit in memory; lower encode.shard_tokens in params.yaml") from None
+            np.save(self.split_dir / name, shard)
             self.names.append(f"{self.split_dir.name}/{name}")
-            self.fill = 0
+            self.pending, self.fill = [], 0
 
 
 def _encode_split(pool: Pool, path: Path, split_dir: Path, *, shard_tokens: int, dtype: str,

@@ -43,6 +43,21 @@ def read_meta(shards_dir: str | Path) -> dict:
     return meta
 
 
+def _check_ids(path: Path, array: np.ndarray, vocab_size: object) -> None:
+    """DataError unless `array` is a 1-D array of unsigned token ids below `vocab_size`: an id out of range
+    would otherwise fail deep inside an embedding lookup. One pass over the memory map, at memory speed."""
+    if array.ndim != 1 or array.dtype.kind != "u":
+        raise DataError(f"{path}: holds {array.dtype} values of shape {array.shape}, not a list of token "
+                        "ids; run `dvc repro encode` again")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise DataError(f"{path.parent.parent / 'meta.json'}: vocab_size {vocab_size!r} is not a size; "
+                        "run `dvc repro encode` again")
+    largest = int(array.max()) if len(array) else -1
+    if largest >= vocab_size:
+        raise DataError(f"{path}: holds token id {largest}, but vocab_size is {vocab_size} (meta.json); "
+                        "the shard is corrupt or from another tokenizer: run `dvc repro encode` again")
+
+
 class TokenShards:
     """One split as one token sequence, memory-mapped across its shard files."""
 
@@ -58,6 +73,8 @@ class TokenShards:
         except (OSError, ValueError) as exc:
             raise DataError(f"{shards_dir}: cannot read a {split} shard ({exc}); "
                             "run `dvc repro encode` again") from None
+        for name, array in zip(info["shards"], self._arrays):
+            _check_ids(shards_dir / name, array, meta.get("vocab_size"))
         self._offsets = np.cumsum([0] + [len(a) for a in self._arrays])
         if self._offsets[-1] != info["num_tokens"]:
             raise DataError(f"{shards_dir}: the {split} shards hold {self._offsets[-1]} tokens but meta.json "

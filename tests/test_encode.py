@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,22 @@ def test_shards_respect_the_size_bound(tmp_path: Path, byte_tokenizer, shakespea
     assert names[:2] == ["train/shard_00000.npy", "train/shard_00001.npy"]
     assert sizes[:-1] == [777] * (len(sizes) - 1) and 0 < sizes[-1] <= 777
     assert sum(sizes) == len(text.encode())
+
+
+def test_memory_follows_the_text_not_the_shard_size_bound(tmp_path: Path, byte_tokenizer,
+                                                        shakespeare: Path) -> None:
+    """encode.shard_tokens up to its bound (2**30) on a small corpus: no 2-4 GB buffer up front."""
+    text = shakespeare.read_text(encoding="utf-8")[:20_000]
+    raw = write_raw(tmp_path, {"train": text})
+    tracemalloc.start()  # numpy reports its allocations to tracemalloc
+    try:
+        meta = encode_corpus(raw, byte_tokenizer(), tmp_path / "shards", shard_tokens=1 << 30, num_workers=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert meta["splits"]["train"]["shards"] == ["train/shard_00000.npy"]
+    assert all_tokens(tmp_path / "shards", "train").tolist() == list(text.encode())
+    assert peak < 50 << 20
 
 
 def test_big_vocabulary_is_stored_as_uint32(tmp_path: Path, byte_tokenizer) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
 import shutil
 import subprocess
 import sys
@@ -13,25 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from train_project import outputs, write_params, write_shards
+from train_project import make_eval_project, outputs, run_stage_in_process, write_params, write_shards
 
-from llm.checkpoint import load_model_file, save_model_file
+from llm.checkpoint import load_model_file
 from llm.config import GenerateConfig, ModelConfig
-from llm.encode import encode_corpus
 from llm.errors import DataError
 from llm.evaluate import evaluate_split, evaluate_splits, window_plan
 from llm.generate import samples_report
-from llm.io import sha256_file
 from llm.model import GPT
 from llm.plots import plot_loss
 from llm.shards import TokenShards
-from llm.tokenizers import BPETokenizer, load_tokenizer
+from llm.tokenizers import load_tokenizer
 from llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = {"d_model": 32, "num_heads": 2, "num_layers": 2, "d_ff": 64, "max_seq_length": 32,
-              "dropout": 0.0}
 
 
 class UniformModel(torch.nn.Module):
@@ -127,43 +121,6 @@ def test_missing_split_is_a_clear_error(byte_shards: Path) -> None:
 
 # --- the evaluate and samples stages, end to end, on a tiny trained model ------------------------------
 
-def make_eval_project(root: Path, text: str, steps: int = 30) -> Path:
-    """A project folder with params.yaml, a BPE tokenizer, shards, a briefly trained models/model.pt
-    and training logs: everything the evaluate stage and `llm generate` read."""
-    raw = root / "data" / "raw"
-    raw.mkdir(parents=True)
-    parts = {"train": text[:20000], "valid": text[20000:24000], "test": text[24000:27000]}
-    for split, part in parts.items():
-        (raw / f"{split}.txt").write_text(part, encoding="utf-8")
-    tokenizer_path = root / "data" / "tokenizer.json"
-    BPETokenizer.train(parts["train"], vocab_size=300, num_workers=1).save(tokenizer_path)
-    encode_corpus(raw, tokenizer_path, root / "data" / "shards", shard_tokens=1024, num_workers=1)
-    config = ModelConfig(vocab_size=300, **TINY_MODEL)
-    torch.manual_seed(0)
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train = TokenShards(root / "data" / "shards", "train")
-    starts = np.random.default_rng(0).integers(0, len(train) - 33, size=(steps, 8))
-    for batch in starts:
-        windows = torch.from_numpy(np.stack([train.read(int(s), 33) for s in batch]))
-        loss = model(windows[:, :-1], windows[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    save_model_file(root / "models" / "model.pt", model, config, sha256_file(tokenizer_path),
-                    {"step": steps, "metrics": {"val_loss": 4.0},
-                     "params": {"model": TINY_MODEL, "train": {"learning_rate": 3e-3}}})
-    (root / "metrics").mkdir()
-    rows = "".join(f"{s}\t{6 - s / 10}\t0.003\t1000\n" for s in range(1, 31))
-    (root / "metrics" / "train_log.tsv").write_text("step\ttrain_loss\tlr\ttokens_per_sec\n" + rows)
-    (root / "metrics" / "val_log.tsv").write_text("step\tval_loss\tval_bpb\n10\t5.5\t3.1\n30\t4.0\t2.5\n")
-    params = {"model": TINY_MODEL, "eval": {"batch_size": 4, "stride": 16},
-              "generate": {"prompt": "ROMEO:", "max_length": 20, "num_samples": 2, "temperature": 0.8},
-              "runtime": {"device": "cpu", "precision": "fp32", "progress": False}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    return root
-
-
 @pytest.fixture(scope="module")
 def eval_project(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
     return make_eval_project(tmp_path_factory.mktemp("project"), shakespeare.read_text(encoding="utf-8"))
@@ -202,14 +159,6 @@ def test_samples_stage_writes_seeded_samples_headed_by_their_settings(eval_proje
     settings = GenerateConfig(prompt="ROMEO:", max_length=20, num_samples=2, temperature=0.8)
     assert samples_report(model, tokenizer, settings, 30) == samples
     assert samples_report(model, tokenizer, settings, 30) == samples
-
-
-def run_stage_in_process(project: Path, stage: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run a stage script as `python stages/<stage>.py` would, in this process; its exit code."""
-    monkeypatch.chdir(project)
-    with pytest.raises(SystemExit) as exited:
-        runpy.run_path(str(ROOT / "stages" / f"{stage}.py"), run_name="__main__")
-    return exited.value.code
 
 
 def test_samples_stage_refuses_a_tokenizer_that_does_not_match(tmp_path: Path, eval_project: Path,
