@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -19,6 +20,15 @@ from llm.errors import ConfigError, LLMError
 
 DEFAULT_CHECKPOINT = "models/model.pt"
 DEFAULT_TOKENIZER = "data/tokenizer.json"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors (a bad flag, `--max-length 1e11`) are the project's one `error:` line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}; see `{self.prog} --help`")
 
 
 def _project_defaults() -> tuple[GenerateConfig, RuntimeConfig]:
@@ -126,7 +136,7 @@ def _with_range(key: str, text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The `llm` parser; generate's defaults are read from ./params.yaml when it exists."""
     gen, runtime = _project_defaults()
-    parser = argparse.ArgumentParser(prog="llm", description="A from-scratch GPT trained through DVC.")
+    parser = _Parser(prog="llm", description="A from-scratch GPT trained through DVC.")
     commands = parser.add_subparsers(dest="command", required=True)
     g = commands.add_parser("generate", help="continue a prompt, streaming tokens to stdout")
     g.add_argument("--prompt", default=gen.prompt, help="text to continue (default: %(default)r)")
@@ -153,13 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and run a subcommand; user errors print one line and exit 2."""
+    """Parse arguments and run a subcommand; user errors print one line and exit 2, Ctrl-C prints one
+    line and exits 130, and a closed stdout (`llm generate | head`) ends quietly with 141."""
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except LLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python's own flush of stdout at exit would fail again and print a traceback: point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

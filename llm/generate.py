@@ -64,6 +64,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     """One token per row from (B, V) logits: argmax when temperature is 0, else a filtered draw."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    # Minus the best logit (softmax is unchanged), a tiny temperature sends the others to -inf instead of
+    # every logit to +-inf: 1e-40 then samples the argmax rather than failing on NaN probabilities.
+    logits = logits.float() - logits.float().amax(dim=-1, keepdim=True)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

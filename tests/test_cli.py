@@ -123,7 +123,12 @@ def test_tokenizer_that_does_not_match_the_checkpoint_exits_2(tmp_path: Path, fi
 
 
 BAD_OPTIONS = [(["--prompt", ""], "--prompt is empty"), (["--top-p", "0"], "--top-p"),
-               (["--max-length", "0"], "--max-length"), (["--temperature", "-1"], "--temperature")]
+               (["--max-length", "0"], "--max-length"), (["--temperature", "-1"], "--temperature"),
+               (["--seed", str(2**70)], "--seed = 1180591620717411303424: must be <= 9223372036854775807"),
+               (["--max-length", "100000000000"], "--max-length = 100000000000: must be <= 1048576"),
+               (["--max-length", "1e11"], "llm generate: argument --max-length: invalid int value: '1e11'; "
+                                          "see `llm generate --help`"),
+               (["--devise", "cpu"], "llm: unrecognized arguments: --devise cpu")]
 
 
 @pytest.mark.parametrize(("flags", "needle"), BAD_OPTIONS)
@@ -149,3 +154,33 @@ def test_python_dash_m_runs_the_cli(files: dict[str, Path]) -> None:
     done = subprocess.run([sys.executable, "-m", "llm.cli", "info", str(files["checkpoint"])], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "step: 7" in done.stdout, done.stderr
+
+
+def test_a_tiny_temperature_samples_the_most_likely_tokens(files: dict[str, Path], capsys: CaptureFixture) -> None:
+    """logits / 1e-40 overflowed to +-inf and the draw failed on NaN probabilities; now it is greedy."""
+    assert main(generate_args(files, "--temperature", "1e-40", "--max-length", "30")) == 0
+    tiny = capsys.readouterr().out
+    assert main(generate_args(files, "--temperature", "0", "--max-length", "30")) == 0
+    assert tiny == capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line_and_exit_130(files: dict[str, Path], monkeypatch: MonkeyPatch,
+                                         capsys: CaptureFixture) -> None:
+    def pressed_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llm.generate.generate", pressed_ctrl_c)
+    assert main(generate_args(files)) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_ends_generate_quietly(files: dict[str, Path]) -> None:
+    """`llm generate | head -c 20`: no BrokenPipeError traceback, and the exit status of a SIGPIPE'd writer."""
+    args = generate_args(files, "--max-length", "1000", "--num-samples", "3")
+    process = subprocess.Popen([sys.executable, "-m", "llm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.read(20)  # then the reader goes away, as `head` does
+    process.stdout.close()
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err) == (141, b"")
