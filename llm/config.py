@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -304,8 +305,8 @@ def _check_consistency(p: Params, source: str) -> None:
     if d.dataset == "text_files" and not d.text_files_dir:
         fail("data.text_files_dir", d.text_files_dir,
              "must name a folder of *.txt files when data.dataset is text_files")
-    if d.dataset == "url" and not d.url.startswith(("http://", "https://")):
-        fail("data.url", d.url, "must be an http(s) URL when data.dataset is url")
+    if d.dataset == "url" and _url_problem(d.url):
+        fail("data.url", d.url, _url_problem(d.url))
     if d.members and len(d.members) != 3:
         fail("data.members", d.members, "must list exactly 3 archive members: [train, valid, test]")
     if d.sha256 and (len(d.sha256) != 64 or any(c not in "0123456789abcdef" for c in d.sha256.lower())):
@@ -322,6 +323,20 @@ def _check_consistency(p: Params, source: str) -> None:
     for split in p.eval.splits:
         if split not in SPLITS:
             fail("eval.splits", p.eval.splits, f"{split!r} is not a split; use {', '.join(SPLITS)}")
+
+
+def _url_problem(url: str) -> str:
+    """What is wrong with data.url as a download address, or ''."""
+    if not url.startswith(("http://", "https://")):
+        return "must be an http(s) URL when data.dataset is url"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port is the check: 'http://h:x/' raises here)
+    except ValueError as exc:
+        return f"not a valid URL ({exc}); check its brackets, host and port"
+    if not parts.hostname:
+        return "names no host; write it as http(s)://host/path"
+    return ""
 
 
 def check_model_config(m: ModelConfig, source: str = "params.yaml") -> None:

@@ -57,8 +57,8 @@ def edit_params(project: Path, change: Callable[[dict], object]) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 
-def set_param(section: str, key: str, value: object) -> Callable[[Path], None]:
-    return lambda project: edit_params(project, lambda params: params[section].__setitem__(key, value))
+def set_param(section: str, key: str, value: object, **more: object) -> Callable[[Path], None]:
+    return lambda project: edit_params(project, lambda params: params[section].update({key: value, **more}))
 
 
 def edit_model_file(change: Callable[[dict], object]) -> Callable[[Path], None]:
@@ -134,6 +134,12 @@ STAGE_CASES = [
      ["params.yaml: encode.shard_tokens = 1000000000000: must be <= 1073741824"]),
     ("vocab_size huge", "fit_tokenizer", set_param("tokenizer", "vocab_size", 10**7),
      ["params.yaml: tokenizer.vocab_size = 10000000: must be <= 1048576"]),
+    ("url without a host", "download", set_param("data", "url", "http://", dataset="url"),
+     ["params.yaml: data.url = 'http://': names no host"]),
+    ("url with a broken IPv6 host", "download", set_param("data", "url", "http://[::1", dataset="url"),
+     ["params.yaml: data.url = 'http://[::1': not a valid URL (Invalid IPv6 URL)"]),
+    ("more text than max_bytes", "download", set_param("data", "max_bytes", 10_000),
+     ["data.max_bytes = 10000: data.text_files_dir 'corpus' holds more text than that", "raise data.max_bytes"]),
 ]
 
 

@@ -26,4 +26,5 @@ def prepare_raw(config: DataConfig, out_dir: Path = Path("data/raw"), *, cache_d
     """Write the three splits into `out_dir` all at once: after any failure `out_dir` is left untouched."""
     with atomic_dir(out_dir) as staging, \
             open_plan(config, cache_dir=cache_dir, policy=policy, progress=progress) as plan:
-        return write_plan(plan, staging, config.val_fraction, config.test_fraction, progress)
+        return write_plan(plan, staging, config.val_fraction, config.test_fraction, progress,
+                          max_bytes=config.max_bytes)

@@ -51,7 +51,7 @@ def open_plan(config: DataConfig, *, cache_dir: Path | None = None, policy: Retr
         hint = ("if you trust this download, accept its checksum: `dvc exp run -S data.sha256=<actual>` "
                 "or set data.sha256: <actual> in params.yaml")
         path = fetch(url, sha256=sha256, cache_dir=cache_dir, policy=policy, progress=progress,
-                     sha256_hint=hint)
+                     sha256_hint=hint, max_bytes=config.max_bytes)
         members = wikitext_members(config.dataset) if config.dataset in WIKITEXT_DATASETS else config.members
         yield _download_plan(path, url, members, stack)
 
