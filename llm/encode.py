@@ -3,8 +3,9 @@
 Each split `<raw_dir>/<split>.txt` is streamed in chunks of about `CHUNK_BYTES` cut after a
 newline (the cuts depend only on the text), encoded in a pool of worker processes (`imap`,
 ordered) and appended to `<split>/shard_NNNNN.npy` files of at most `shard_tokens` tokens, so
-peak memory does not grow with the corpus (a line is never cut: a chunk holds at least one
-whole line).
+peak memory does not grow with the corpus. A line longer than a chunk is cut before a space that
+follows a visible ASCII character, where the named BPE patterns start a new piece anyway (tokens
+do not change), else at a character boundary: memory stays bounded by two chunks on any line.
 
 Documents: a WikiText article starts at a top-level heading line ``^ = [^=].* = $``.
 The end-of-text token (when the tokenizer has one; else nothing separates documents) is
@@ -38,6 +39,8 @@ CHUNK_BYTES = 2 << 20
 UINT16_VOCAB_LIMIT = 1 << 16
 # A top-level heading line, preceded by a newline (the literal prefix makes the scan fast).
 _HEADING = re.compile(rb"\n( = [^=\n][^\n]* = )$", re.MULTILINE)
+# Reversed bytes of a space that follows a visible ASCII character: where a long line can be cut.
+_SPACE_AFTER_WORD_REVERSED = re.compile(rb" [\x21-\x7e]")
 _worker_tokenizer: Tokenizer | None = None
 
 
@@ -47,7 +50,7 @@ def token_dtype(vocab_size: int) -> str:
 
 
 class _Chunk(NamedTuple):
-    """A piece of a split file cut after a newline, with the offsets where documents start."""
+    """A piece of a split file (cut after a newline, or inside a long line), with where documents start."""
 
     path: str
     offset: int                  # byte offset of `data` in the file (for error messages)
@@ -55,20 +58,37 @@ class _Chunk(NamedTuple):
     doc_starts: tuple[int, ...]  # positions in `data` that get an end-of-text token before them
 
 
-def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) pieces of about chunk_bytes, each ending after a newline (or at EOF)."""
-    offset, carry = 0, b""
+def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(offset, bytes, starts a line) pieces of about chunk_bytes, each ending after a newline (or at
+    EOF), or inside a line longer than chunk_bytes (see `_long_line_cut`)."""
+    offset, carry, line_start = 0, b"", True
     with open(path, "rb") as f:
         while data := f.read(chunk_bytes):
-            buffer = carry + data
-            cut = buffer.rfind(b"\n") + 1
-            if cut == 0:  # a line longer than the chunk: keep reading until it ends
-                carry = buffer
-                continue
-            yield offset, buffer[:cut]
-            offset, carry = offset + cut, buffer[cut:]
+            buffer = carry + data  # carry holds no newline: only the new bytes need searching
+            cut = buffer.rfind(b"\n", len(carry)) + 1
+            if not cut:
+                if len(buffer) < chunk_bytes:  # the file's last line, shorter than a chunk
+                    carry = buffer
+                    continue
+                cut = _long_line_cut(buffer, len(carry))
+            yield offset, buffer[:cut], line_start
+            offset, carry, line_start = offset + cut, buffer[cut:], buffer[cut - 1] == ord("\n")
     if carry:
-        yield offset, carry
+        yield offset, carry, line_start
+
+
+def _long_line_cut(buffer: bytes, fresh: int) -> int:
+    """Where to cut a line that outgrew a chunk, in its bytes from `fresh` on (so what is carried stays
+    under a chunk): before the last space that follows a visible ASCII character, else before the last
+    character."""
+    start = max(fresh - 1, 0)
+    space = _SPACE_AFTER_WORD_REVERSED.search(buffer[start:][::-1])  # reversed: stops at the last one
+    if space:
+        return len(buffer) - 1 - space.start()
+    cut = len(buffer) - 1
+    while cut > start and buffer[cut] & 0xC0 == 0x80:  # back over UTF-8 continuation bytes
+        cut -= 1
+    return cut or len(buffer)
 
 
 def heading_starts(data: bytes) -> list[int]:
@@ -79,8 +99,8 @@ def heading_starts(data: bytes) -> list[int]:
 def _chunks(path: Path, chunk_bytes: int) -> Iterator[_Chunk]:
     """The split as chunks; documents start at every heading but the file's first one."""
     seen_heading = False
-    for offset, data in _line_chunks(path, chunk_bytes):
-        starts = heading_starts(data)
+    for offset, data, line_start in _line_chunks(path, chunk_bytes):
+        starts = [start for start in heading_starts(data) if start or line_start]
         if starts and not seen_heading:
             starts, seen_heading = starts[1:], True
         yield _Chunk(str(path), offset, data, tuple(starts))
@@ -92,20 +112,33 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
-def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, int, int, int]:
-    """Worker: (token ids, whitespace words, newlines, bytes) of one chunk."""
+class _Encoded(NamedTuple):
+    """What a worker returns for one chunk."""
+
+    tokens: np.ndarray
+    words: int              # whitespace-separated words
+    newlines: int
+    size: int               # bytes
+    edges: tuple[bool, bool]  # whether its first and its last character belong to a word
+
+
+def _encode_chunk(chunk: _Chunk) -> _Encoded:
+    """Worker: the token ids and the counts of one chunk."""
     tok = _worker_tokenizer
     bounds = sorted({0, *chunk.doc_starts, len(chunk.data)})
     ids: list[int] = []
     words = 0
+    texts = []
     for begin, end in zip(bounds, bounds[1:]):
         if begin in chunk.doc_starts and tok.eot_id is not None:
             ids.append(tok.eot_id)
         text = decode_utf8(chunk.data[begin:end], chunk.path, chunk.offset + begin)
         words += len(text.split())
         ids.extend(tok.encode(text))
+        texts.append(text)
     tokens = np.array(ids, dtype=token_dtype(tok.vocab_size))
-    return tokens, words, chunk.data.count(b"\n"), len(chunk.data)
+    edges = (not texts[0][:1].isspace(), not texts[-1][-1:].isspace()) if texts else (False, False)
+    return _Encoded(tokens, words, chunk.data.count(b"\n"), len(chunk.data), edges)
 
 
 class _ShardWriter:
@@ -153,12 +186,14 @@ def _encode_split(pool: Pool, path: Path, split_dir: Path, *, shard_tokens: int,
     size = path.stat().st_size
     writer = _ShardWriter(split_dir, shard_tokens, dtype)
     words = newlines = 0
+    in_word = False  # the text before the next chunk ends inside a word
     with tqdm(total=size, unit="B", unit_scale=True, desc=f"encode {path.stem}", disable=not progress) as bar:
-        for tokens, chunk_words, chunk_newlines, chunk_bytes_read in pool.imap(
-                _encode_chunk, _chunks(path, chunk_bytes)):
-            writer.add(tokens)
-            words, newlines = words + chunk_words, newlines + chunk_newlines
-            bar.update(chunk_bytes_read)
+        for encoded in pool.imap(_encode_chunk, _chunks(path, chunk_bytes)):
+            writer.add(encoded.tokens)
+            starts_in_word, ends_in_word = encoded.edges
+            words += encoded.words - (in_word and starts_in_word)  # a word cut by a chunk counts once
+            newlines, in_word = newlines + encoded.newlines, ends_in_word
+            bar.update(encoded.size)
     writer.flush()
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)

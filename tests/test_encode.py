@@ -156,6 +156,43 @@ def test_shards_respect_the_size_bound(tmp_path: Path, byte_tokenizer, shakespea
     assert sum(sizes) == len(text.encode())
 
 
+def test_a_line_longer_than_a_chunk_is_cut_without_changing_its_tokens_or_counts(
+        tmp_path: Path, bpe_file: Path, shakespeare: Path) -> None:
+    """A long line used to be carried whole, re-joined on every read (quadratic) and encoded as one chunk.
+    It is now cut before a space after a word, where the named patterns cut anyway; a word longer than a
+    chunk is cut at a character boundary and still counts as one word."""
+    line = " ".join(shakespeare.read_text(encoding="utf-8")[:40_000].split())  # ~33 KB, 16 chunks
+    word = "x" * 3000 + "\u00e9" * 2000  # 7 KB without whitespace
+    text = f"{line}\n{word} {line[:5000]}\n{word}"
+    raw = write_raw(tmp_path, {"train": text})
+    meta = encode_corpus(raw, bpe_file, tmp_path / "shards", shard_tokens=100_000, num_workers=1,
+                         chunk_bytes=2000)
+    tokenizer = load_tokenizer(bpe_file)
+    ids = all_tokens(tmp_path / "shards", "train").tolist()
+    assert tokenizer.decode(ids) == text
+    assert ids[:len(tokenizer.encode(line + "\n"))] == tokenizer.encode(line + "\n")
+    assert meta["splits"]["train"]["num_words"] == len(text.split()) + 3  # words + lines
+
+
+def test_chunks_of_one_long_line_stay_under_two_chunk_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "line.txt"
+    path.write_bytes(b"word " * (1 << 20) + b"x" * (1 << 20))  # a 6 MiB line, its last MiB one word
+    sizes = [len(data) for _, data, _ in llm.encode._line_chunks(path, 1 << 16)]
+    assert sum(sizes) == path.stat().st_size and max(sizes) <= 2 << 16
+
+
+def test_a_cut_inside_a_line_never_starts_a_document(tmp_path: Path, bpe_file: Path) -> None:
+    """A chunk that begins inside a line (` = Bar = ` after a cut) is not a heading line."""
+    text = " = First = \n" + "a" * (4000 - 12 - 2) + " = Bar = \nnext line\n"  # reads end at ` =`
+    raw = write_raw(tmp_path, {"train": text})
+    chunks = [data for _, data, _ in llm.encode._line_chunks(raw / "train.txt", 2000)]
+    assert chunks[2].startswith(b" = Bar = \n")
+    encode_corpus(raw, bpe_file, tmp_path / "shards", shard_tokens=10_000, num_workers=1, chunk_bytes=2000)
+    tokenizer = load_tokenizer(bpe_file)
+    ids = all_tokens(tmp_path / "shards", "train").tolist()
+    assert tokenizer.eot_id not in ids and tokenizer.decode(ids) == text
+
+
 def test_memory_follows_the_text_not_the_shard_size_bound(tmp_path: Path, byte_tokenizer,
                                                         shakespeare: Path) -> None:
     """encode.shard_tokens up to its bound (2**30) on a small corpus: no 2-4 GB buffer up front."""
