@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import llm.tokenizers._bpe_encode as fast
 import llm.tokenizers.bpe
+from llm.config import TokenizerConfig
 from llm.errors import TokenizerError
 from llm.tokenizers import BPETokenizer, load_tokenizer
 from llm.tokenizers._bpe_train import count_words, learn_merges
@@ -239,7 +240,7 @@ def test_bad_arguments_raise_tokenizer_errors():
         BPETokenizer.train("hello", 300, pattern="gpt5")
     with pytest.raises(TokenizerError, match="not a valid regex"):
         BPETokenizer.train("hello", 300, pattern="(unclosed")
-    with pytest.raises(TokenizerError, match="skips some characters"):
+    with pytest.raises(TokenizerError, match=r"skips '½' \(U\+00BD, No\), so the BPE would silently drop"):
         BPETokenizer.train("hello world", 300, pattern=r"\w+")
     with pytest.raises(TokenizerError, match="distinct"):
         BPETokenizer.train("hello", 300, special_tokens=["<a>", "<a>"])
@@ -353,3 +354,40 @@ def test_encoding_never_scans_the_whole_word_cache(monkeypatch, tok):
     monkeypatch.setattr(fast._Memo, "__iter__", scanned)
     for line in ["First Citizen:\n", "Before we proceed any further, hear me speak.\n", "Speak, speak.\n"]:
         assert fresh.encode(line) == tiktoken_of_cached(tok).encode_ordinary(line)
+
+
+LOSSY_PATTERNS = [
+    (r"[ -~\n]+", "skips 'ǅ' (U+01C5, Lt)"),  # matches all of an ASCII training text, drops the rest
+    (r"\w+|\s+", "skips '½' (U+00BD, No)"),
+    (r"\S+|[ \t]+", "skips '\\xa0' (U+00A0, Zs)"),
+    (r"[\s\S]|x*", "its alternative 'x*' can match the empty string"),
+    (r"\b|[\s\S]", "its alternative '\\\\b' can match the empty string"),
+    (r"(\w+)|[\s\S]", "has capturing groups"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "message"), LOSSY_PATTERNS)
+def test_patterns_that_would_lose_text_are_refused_when_fitting(pattern: str, message: str) -> None:
+    """`[ -~\\n]+` fitted on ASCII text turned "héllo wörld 日本 🎉" into 'hllo wrld  ' when encoding;
+    `[\\s\\S]|x*` passed fitting and crashed encode. Both are refused before any work now."""
+    config = TokenizerConfig(vocab_size=300, pattern=pattern)
+    with pytest.raises(TokenizerError) as info:
+        BPETokenizer.fit("plain ascii text, nothing else\n" * 20, config)
+    assert str(info.value).startswith(f"params.yaml: tokenizer.pattern = {pattern!r}: ")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("pattern", [r"\w+|\s+|.", r"(?s).", r"\S+|\s+", r"\p{L}+|\p{N}+|[^\p{L}\p{N}]"])
+def test_patterns_that_cover_every_character_are_accepted(pattern: str) -> None:
+    text = "héllo wörld 日本 🎉\n\tx\r\n"
+    tok = BPETokenizer.train(text * 5, 260, pattern=pattern, min_frequency=1)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_encoding_checks_that_the_pieces_cover_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tokenizer whose pattern slipped past the fit-time probe still never drops text silently."""
+    monkeypatch.setattr("llm.tokenizers.patterns.check_lossless", lambda pattern: None)
+    tok = BPETokenizer([], pattern=r"[ -~\n]+", special_tokens=())
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    with pytest.raises(TokenizerError, match="does not cut 'h\u00e9llo'... into pieces that cover it"):
+        tok.encode("h\u00e9llo")

@@ -134,6 +134,8 @@ STAGE_CASES = [
      ["params.yaml: encode.shard_tokens = 1000000000000: must be <= 1073741824"]),
     ("vocab_size huge", "fit_tokenizer", set_param("tokenizer", "vocab_size", 10**7),
      ["params.yaml: tokenizer.vocab_size = 10000000: must be <= 1048576"]),
+    ("pattern that skips characters", "fit_tokenizer", set_param("tokenizer", "pattern", "[ -~\n]+"),
+     ["params.yaml: tokenizer.pattern = '[ -~\\n]+': skips", "add a last alternative"]),
     ("url without a host", "download", set_param("data", "url", "http://", dataset="url"),
      ["params.yaml: data.url = 'http://': names no host"]),
     ("url with a broken IPv6 host", "download", set_param("data", "url", "http://[::1", dataset="url"),

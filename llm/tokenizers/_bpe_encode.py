@@ -20,6 +20,7 @@ from itertools import chain
 
 import numpy as np
 
+from llm.errors import TokenizerError
 from llm.tokenizers.patterns import (
     SPACE_CUT,
     is_space_cuttable,
@@ -157,7 +158,7 @@ class CachedEncoder:
         self.ranks = {token: rank for rank, token in enumerate(token_bytes)}
         self.merge_word = merge_word
         self.pair_rank = PairRanks(token_bytes, self.ranks)
-        self.findall = make_splitter(pattern)
+        self.pattern, self.findall = pattern, make_splitter(pattern)
         self.space_cut = is_space_cuttable(pattern)
         self.words = _Memo(self.encode_word)
         for token, rank in self.ranks.items():  # single-token words never need merging
@@ -198,8 +199,16 @@ class CachedEncoder:
             self.words.update(zip(batch, merge_batch(batch_data, self.pair_rank)))
 
     def encode_chunk(self, text: str) -> list[int]:
-        """Ids of text that the pattern cuts on its own (no cached space-cut pieces)."""
+        """Ids of text that the pattern cuts on its own (no cached space-cut pieces).
+
+        The pieces must tile the text (findall's matches do not overlap, so equal lengths and no empty
+        piece mean they do): a pattern that skips a character would otherwise lose it silently.
+        """
         words = self.findall(text)
+        if sum(map(len, words)) != len(text) or not all(words):
+            raise TokenizerError(f"pattern {self.pattern!r} does not cut {text[:40]!r}... into pieces that "
+                                 "cover it (a character would be lost); refit the tokenizer with a pattern "
+                                 "that matches every character")
         cached = self.words  # a set difference with a dict subclass would scan the whole cache
         self.cache_words({word for word in words if word not in cached})
         return list(chain.from_iterable(map(cached.__getitem__, words)))

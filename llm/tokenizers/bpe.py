@@ -117,7 +117,11 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def fit(cls, text: str | Iterable[str], config: TokenizerConfig, *, progress: bool = False,
             num_workers: int = 0) -> BPETokenizer:
-        """`train` with the `tokenizer` params section."""
+        """`train` with the `tokenizer` params section; a pattern that cannot be used names its key."""
+        try:
+            resolve_pattern(config.pattern)
+        except TokenizerError as exc:
+            raise TokenizerError(f"params.yaml: tokenizer.{exc}") from None
         return cls.train(text, config.vocab_size, min_frequency=config.min_frequency, pattern=config.pattern,
                          special_tokens=config.special_tokens, progress=progress, num_workers=num_workers)
 
