@@ -99,7 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def _endless(self) -> None:
-        """200 and text forever (HTTP/1.0: the body ends when the connection does), until the client leaves."""
+        """200 and text forever (HTTP/1.0: the body ends with the connection), until the client leaves."""
         self.send_response(200)
         self.end_headers()
         self.close_connection = True

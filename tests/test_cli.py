@@ -156,7 +156,8 @@ def test_python_dash_m_runs_the_cli(files: dict[str, Path]) -> None:
     assert done.returncode == 0 and "step: 7" in done.stdout, done.stderr
 
 
-def test_a_tiny_temperature_samples_the_most_likely_tokens(files: dict[str, Path], capsys: CaptureFixture) -> None:
+def test_a_tiny_temperature_samples_the_most_likely_tokens(files: dict[str, Path],
+                                                           capsys: CaptureFixture) -> None:
     """logits / 1e-40 overflowed to +-inf and the draw failed on NaN probabilities; now it is greedy."""
     assert main(generate_args(files, "--temperature", "1e-40", "--max-length", "30")) == 0
     tiny = capsys.readouterr().out
@@ -176,7 +177,7 @@ def test_ctrl_c_is_one_line_and_exit_130(files: dict[str, Path], monkeypatch: Mo
 
 @pytest.mark.slow
 def test_a_reader_that_stops_early_ends_generate_quietly(files: dict[str, Path]) -> None:
-    """`llm generate | head -c 20`: no BrokenPipeError traceback, and the exit status of a SIGPIPE'd writer."""
+    """`llm generate | head -c 20`: no BrokenPipeError traceback; the exit status of a SIGPIPE'd writer."""
     args = generate_args(files, "--max-length", "1000", "--num-samples", "3")
     process = subprocess.Popen([sys.executable, "-m", "llm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)

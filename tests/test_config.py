@@ -139,7 +139,7 @@ def _write(path: Path, text: str) -> Path:
 def test_params_yaml_not_utf8_or_a_folder_is_one_line(tmp_path):
     latin1 = _write(tmp_path / "params.yaml", "")
     latin1.write_bytes(b"generate:\n  prompt: caf\xe9\n")
-    with pytest.raises(ConfigError, match=r"params.yaml: not valid UTF-8 at byte 23 \(bad byte 0xe9\); convert"):
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid UTF-8 at byte 23 \(bad byte 0xe9\); conv"):
         load_params(latin1)
     (tmp_path / "folder.yaml").mkdir()
     with pytest.raises(ConfigError, match=r"folder.yaml: cannot be read \(Is a directory\)"):
@@ -174,7 +174,7 @@ KEYS = [(section, spec.name) for section, cls in SECTIONS.items() for spec in fi
 @given(changes=st.dictionaries(st.sampled_from(KEYS), ODD_VALUES, min_size=1, max_size=3),
        whole_section=st.one_of(st.none(), st.tuples(st.sampled_from(list(SECTIONS)), ODD_VALUES)))
 def test_any_value_in_any_key_loads_or_is_one_config_error_line(tmp_path, changes, whole_section):
-    """Loading either succeeds or raises ConfigError, one line that names the file: never another exception."""
+    """Loading succeeds or raises ConfigError, one line that names the file: never another exception."""
     raw = {name: section_dict(cls()) for name, cls in SECTIONS.items()}
     for (section, key), value in changes.items():
         raw[section][key] = value

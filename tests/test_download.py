@@ -173,7 +173,8 @@ def test_checksum_mismatch_leaves_no_raw_and_names_both_sums(tmp_path, server, w
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]  # no temp folder left
 
 
-def test_a_corrupt_partial_download_is_downloaded_again_not_offered_as_the_checksum(tmp_path, server, wiki_zip):
+def test_a_corrupt_partial_download_is_downloaded_again_not_offered_as_the_checksum(tmp_path, server,
+                                                                                    wiki_zip):
     """A .part whose bytes went bad before a resume gives a file that differs: the answer is a fresh download,
     not "accept its checksum"; only a fresh download that still differs offers that."""
     target = cache_path(server.url(ZIP_PATH), tmp_path / "cache")
@@ -341,7 +342,7 @@ def test_redirects_to_other_schemes_and_loops_are_one_error(tmp_path, location, 
 
 
 def test_a_response_that_never_ends_stops_at_max_bytes(tmp_path):
-    """An endless body wrote 11 GB into data/cache in 15 s; it now stops at data.max_bytes, leaving nothing."""
+    """An endless body wrote 11 GB into data/cache in 15 s; now it stops at data.max_bytes, leaving none."""
     with serve({}, forbid_agent_prefix="") as srv:
         srv.faults["/endless.txt"] = ["endless"]
         url = srv.url("/endless.txt")
@@ -352,10 +353,10 @@ def test_a_response_that_never_ends_stops_at_max_bytes(tmp_path):
 
 
 def test_a_download_the_server_says_is_too_big_is_refused_before_the_body(tmp_path, wiki_zip):
-    with serve({"/big.zip": wiki_zip}, forbid_agent_prefix="") as srv:
-        with pytest.raises(DataError, match=f"the server says it is {len(wiki_zip):,} bytes, more than "
-                                            "data.max_bytes"):
-            _run(tmp_path, dataset="url", url=srv.url("/big.zip"), max_bytes=len(wiki_zip) - 1)
+    expected = f"the server says it is {len(wiki_zip):,} bytes, more than data.max_bytes"
+    with serve({"/big.zip": wiki_zip}, forbid_agent_prefix="") as server, \
+            pytest.raises(DataError, match=expected):
+        _run(tmp_path, dataset="url", url=server.url("/big.zip"), max_bytes=len(wiki_zip) - 1)
 
 
 def test_a_gzip_bomb_stops_at_max_bytes_of_text(tmp_path):

@@ -50,13 +50,14 @@ def test_a_folder_is_synced_file_by_file_before_the_swap(tmp_path: Path, disk_lo
         (staging / "meta.json").write_text("{}")
     kinds = [kind for kind, _ in disk_log]
     assert kinds == ["fsync"] * 4 + ["rename", "fsync"]  # 2 files, 2 folders; swap; the parent
-    assert {Path(path).name for _, path in disk_log[:4]} == {"shard_00000.npy", "meta.json", "train", "shards"}
+    synced = {Path(path).name for _, path in disk_log[:4]}
+    assert synced == {"shard_00000.npy", "meta.json", "train", "shards"}
     assert disk_log[-1] == ("fsync", str(tmp_path))
 
 
 def test_temporaries_of_killed_writes_are_swept_and_nothing_else(tmp_path: Path) -> None:
     stale = [tmp_path / ".tmp-last.pt.a1b2c3d4", tmp_path / ".tmp-last.pt.x"]
-    other = [tmp_path / ".tmp-last.pt.backup.old", tmp_path / ".tmp-best_model.pt.a1b2c3d4", tmp_path / "keep"]
+    other = [tmp_path / name for name in (".tmp-last.pt.backup.old", ".tmp-best_model.pt.a1b2c3d4", "keep")]
     for path in stale + other:
         path.write_bytes(b"half written")
     write_text_atomic(tmp_path / "last.pt", "new")
@@ -65,7 +66,7 @@ def test_temporaries_of_killed_writes_are_swept_and_nothing_else(tmp_path: Path)
 
 def test_output_checks_create_nothing_when_they_refuse(tmp_path: Path) -> None:
     (tmp_path / "metrics").write_text("a file")
-    with pytest.raises(OutputError, match="metrics: is a file, but .*metrics/train.json must be written inside"):
+    with pytest.raises(OutputError, match="metrics: is a file, but .*metrics/train.json must be written in"):
         check_outputs(tmp_path / "models" / "model.pt", tmp_path / "metrics" / "train.json")
     assert not (tmp_path / "models").exists()
     (tmp_path / "out.txt").mkdir()

@@ -21,7 +21,8 @@ KNOBS = list(itertools.product(("learned", "sinusoidal", "rope"), ("layernorm", 
 def test_parameter_count_is_the_models(position: str, norm: str, activation: str, tie_weights: bool,
                                        bias: bool) -> None:
     config = ModelConfig(vocab_size=50, d_model=16, num_heads=2, num_layers=3, d_ff=40, max_seq_length=8,
-                         position=position, norm=norm, activation=activation, tie_weights=tie_weights, bias=bias)
+                         position=position, norm=norm, activation=activation, tie_weights=tie_weights,
+                         bias=bias)
     model = GPT(config)
     hidden = sum(p.numel() for p in model.hidden_matrices())
     assert parameter_counts(config) == (model.num_params(), hidden)
@@ -46,8 +47,9 @@ def test_the_defaults_fit_in_a_few_gib_and_absurd_sizes_do_not(monkeypatch: pyte
     cpu = torch.device("cpu")
     check_training_fits(ModelConfig(vocab_size=10_000), TrainConfig(), cpu)
     huge = ModelConfig(vocab_size=10_000, d_model=8192, num_heads=64, num_layers=64, d_ff=32768)
-    with pytest.raises(ConfigError, match=r"51,622,584,320 parameters\) trained with train.batch_size 32 needs "
-                                          r"at least 1,089.2 GiB \(weights 192.3 GiB.* but the cpu has 8.0 GiB"):
+    expected = (r"51,622,584,320 parameters\) trained with train.batch_size 32 needs at least 1,089.2 GiB "
+                r"\(weights 192.3 GiB.* but the cpu has 8.0 GiB")
+    with pytest.raises(ConfigError, match=expected):
         check_training_fits(huge, TrainConfig(), cpu)
 
 

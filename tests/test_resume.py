@@ -246,5 +246,6 @@ def test_an_empty_last_pt_is_not_resumed_and_training_starts_fresh(tmp_path: Pat
     last.write_bytes(b"")
     train(write_params(project), **outputs(project))
     said = capsys.readouterr().out
-    assert f"not resuming: {last}: not a readable checkpoint (EOFError);" in said and "; starting fresh" in said
+    assert f"not resuming: {last}: not a readable checkpoint (EOFError);" in said
+    assert "; starting fresh" in said
     assert read_checkpoint(last)["step"] == 8

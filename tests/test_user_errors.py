@@ -8,6 +8,7 @@ model and logs), then runs a stage script as `python stages/<stage>.py` runs it,
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from pipeline_project import STAGES, write_params
+from pipeline_project import STAGES, build_project, dvc, run, write_params
 from train_project import TINY_MODEL, make_eval_project, run_stage_in_process
 
 import llm.memory
 from llm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DECLARED = {name: stage.get("params", [])
-            for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"].items()}
+DVC_STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+DECLARED = {name: stage.get("params", []) for name, stage in DVC_STAGES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,8 @@ STAGE_CASES = [
     ("url with a broken IPv6 host", "download", set_param("data", "url", "http://[::1", dataset="url"),
      ["params.yaml: data.url = 'http://[::1': not a valid URL (Invalid IPv6 URL)"]),
     ("more text than max_bytes", "download", set_param("data", "max_bytes", 10_000),
-     ["data.max_bytes = 10000: data.text_files_dir 'corpus' holds more text than that", "raise data.max_bytes"]),
+     ["data.max_bytes = 10000: data.text_files_dir 'corpus' holds more text than that",
+      "raise data.max_bytes"]),
 ]
 
 
@@ -168,6 +170,18 @@ def test_a_missing_section_stops_the_stage_as_dvc_would(project: Path, stage: st
     assert_one_error_line(capsys.readouterr().err, code, f"params.yaml: section {section!r} is missing")
 
 
+@pytest.mark.slow
+def test_dvc_and_the_stage_script_both_stop_on_a_missing_section(tmp_path: Path, shakespeare: Path) -> None:
+    project = build_project(tmp_path / "project", shakespeare.parent)
+    edit_params(project, lambda params: params.pop("data"))
+    done = dvc(project, "repro", "--dry", "download", check=False)
+    assert done.returncode != 0 and "Parameters 'data' are missing from 'params.yaml'" in done.stdout
+    script = run(project, sys.executable, "stages/download.py", check=False)
+    assert script.returncode == 2 and script.stdout == (
+        "error: params.yaml: section 'data' is missing; this stage reads it and `dvc repro` stops without "
+        "it: add `data:` (keys left out take their defaults)\n")
+
+
 def test_a_model_that_cannot_fit_is_refused_before_allocating(project: Path, monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(llm.memory, "device_memory", lambda device: 1 << 20)  # a 1 MiB device
@@ -182,8 +196,8 @@ def test_stale_temporaries_of_killed_writes_are_swept_when_the_stage_runs(
         project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """A SIGKILL during a checkpoint or model write leaves `.tmp-<name>.XXXXXXXX` beside it (25 MB each for
     the default model); the next run of the stage removes them, and nothing else."""
-    stale = [project / "checkpoints" / ".tmp-last.pt.k1ll3d_x", project / "checkpoints" / ".tmp-best_model.pt.abc",
-             project / "models" / ".tmp-model.pt.zz9", project / "metrics" / ".tmp-train_log.tsv.q"]
+    stale = [project / name for name in ("checkpoints/.tmp-last.pt.k1ll3d_x", "models/.tmp-model.pt.zz9",
+                                         "checkpoints/.tmp-best_model.pt.abc", "metrics/.tmp-val_log.tsv.q")]
     kept = [project / "checkpoints" / "notes.txt", project / "models" / ".tmp-model.pt.keep.me"]
     for path in stale + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,12 +217,14 @@ CLI_CASES = [
      "model_config.d_model = '32': must be an integer"),
     ("format_version a string", edit_model_file(lambda m: m.__setitem__("format_version", "2")),
      "format_version '2' is not a version number"),
-    ("weights of another shape", edit_model_file(widen_embedding), "size mismatch for token_embedding.weight"),
+    ("weights of another shape", edit_model_file(widen_embedding),
+     "size mismatch for token_embedding.weight"),
 ]
 
 
 @pytest.mark.parametrize("command", ["info", "generate"])
-@pytest.mark.parametrize(("breaker", "needle"), [case[1:] for case in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+@pytest.mark.parametrize(("breaker", "needle"), [case[1:] for case in CLI_CASES],
+                         ids=[case[0] for case in CLI_CASES])
 def test_a_broken_model_file_is_one_error_line_in_the_cli(project: Path, command: str, breaker: Callable,
                                                           needle: str, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
