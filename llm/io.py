@@ -110,12 +110,12 @@ def check_outputs(*files: str | os.PathLike, folders: tuple[str | os.PathLike, .
     """Before a stage's work: every output can be written where it goes, and what killed runs left
     beside it is removed.
 
-    `files` are written as files, `folders` as whole folders. Their parent folders are made; a path
-    component that is a file, an output file that is a folder, or a folder that cannot be written is an
-    OutputError naming it, raised before hours of work rather than after.
+    `files` are written as files, `folders` as whole folders. A path component that is a file, an
+    output file that is a folder, or a folder that cannot be written is an OutputError naming it,
+    raised before hours of work rather than after; nothing is created either way.
     """
     outputs = [(Path(f), False) for f in files] + [(Path(f), True) for f in folders]
-    for path, is_folder in outputs:  # first every check, so that a refusal creates nothing
+    for path, is_folder in outputs:
         for ancestor in reversed(path.parents):
             if ancestor.exists() and not ancestor.is_dir():
                 raise OutputError(f"{ancestor}: is a file, but {path} must be written inside it as a folder; "
@@ -123,15 +123,15 @@ def check_outputs(*files: str | os.PathLike, folders: tuple[str | os.PathLike, .
         if not is_folder and path.is_dir():
             raise OutputError(f"{path}: is a folder, but this stage writes it as a file; move or delete the "
                               "folder")
-    for path, _ in outputs:
+        existing = next(folder for folder in path.parents if folder.exists())  # "." at least
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=path.parent):
+            with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as exc:
-            raise OutputError(f"{path.parent}: cannot write there ({exc.strerror}); make it a writable "
+            raise OutputError(f"{existing}: cannot write there ({exc.strerror}); make it a writable "
                               "folder") from None
-        sweep_temporaries(path)
+        if path.parent.is_dir():
+            sweep_temporaries(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -46,3 +46,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def eval_project(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> Path:
+    """A finished tiny project (raw text, tokenizer, shards, a briefly trained model, training logs), built
+    once: what evaluate, samples and `llm generate` read. Tests that break something work on a copy."""
+    from train_project import make_eval_project
+
+    return make_eval_project(tmp_path_factory.mktemp("project"), shakespeare_text)

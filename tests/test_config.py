@@ -170,7 +170,7 @@ ODD_VALUES = st.one_of(
 KEYS = [(section, spec.name) for section, cls in SECTIONS.items() for spec in fields(cls)]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.dictionaries(st.sampled_from(KEYS), ODD_VALUES, min_size=1, max_size=3),
        whole_section=st.one_of(st.none(), st.tuples(st.sampled_from(list(SECTIONS)), ODD_VALUES)))
 def test_any_value_in_any_key_loads_or_is_one_config_error_line(tmp_path, changes, whole_section):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_project import make_eval_project, outputs, run_stage_in_process, write_params, write_shards
+from train_project import outputs, run_stage_in_process, write_params, write_shards
 
 from llm.checkpoint import load_model_file
 from llm.config import GenerateConfig, ModelConfig
@@ -120,11 +120,6 @@ def test_missing_split_is_a_clear_error(byte_shards: Path) -> None:
 
 
 # --- the evaluate and samples stages, end to end, on a tiny trained model ------------------------------
-
-@pytest.fixture(scope="module")
-def eval_project(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
-    return make_eval_project(tmp_path_factory.mktemp("project"), shakespeare.read_text(encoding="utf-8"))
-
 
 def run_stage_script(project: Path, stage: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=project,

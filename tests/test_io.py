@@ -73,3 +73,5 @@ def test_output_checks_create_nothing_when_they_refuse(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="out.txt: is a folder, but this stage writes it as a file"):
         check_outputs(tmp_path / "out.txt")
     check_outputs(folders=(tmp_path / "out.txt",))  # a folder output may be a folder
+    check_outputs(tmp_path / "new" / "deeper" / "file.txt")
+    assert not (tmp_path / "new").exists()  # the writer makes its folders, not the check

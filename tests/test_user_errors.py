@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from pipeline_project import STAGES, build_project, dvc, run, write_params
-from train_project import TINY_MODEL, make_eval_project, run_stage_in_process
+from train_project import TINY_MODEL, run_stage_in_process
 
 import llm.memory
 from llm.cli import main
@@ -28,9 +28,9 @@ DECLARED = {name: stage.get("params", []) for name, stage in DVC_STAGES.items()}
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
+def finished(tmp_path_factory: pytest.TempPathFactory, eval_project: Path, shakespeare: Path) -> Path:
     """A project every stage could run in: raw text, tokenizer, shards, a trained model, logs, params."""
-    project = make_eval_project(tmp_path_factory.mktemp("finished"), shakespeare.read_text(encoding="utf-8"))
+    project = Path(shutil.copytree(eval_project, tmp_path_factory.mktemp("finished") / "project"))
     write_params(project, model=TINY_MODEL, data={"dataset": "text_files", "text_files_dir": "corpus"},
                  encode={"shard_tokens": 1024})
     (project / "corpus").mkdir()
