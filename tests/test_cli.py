@@ -171,7 +171,11 @@ def test_ctrl_c_is_one_line_and_exit_130(files: dict[str, Path], monkeypatch: Mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr("llm.generate.generate", pressed_ctrl_c)
-    assert main(generate_args(files)) == 130
+    try:
+        code = main(generate_args(files))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped llm's main as a KeyboardInterrupt traceback")
+    assert code == 130
     assert capsys.readouterr().err == "interrupted\n"
 
 
