@@ -30,14 +30,15 @@ def _project_defaults() -> tuple[GenerateConfig, RuntimeConfig]:
 
 
 class _Streamer:
-    """Prints each row's new text as tokens arrive: decode the whole continuation, print the new suffix.
+    """Prints each row's new text as tokens arrive: decode the whole continuation (as it reads after the
+    prompt ids `context`), print the new suffix.
 
     Text ending in U+FFFD may be a multi-byte character cut in half, so it is held back until the
     next token completes it (or until `finish`).
     """
 
-    def __init__(self, tokenizer: Any, eot_id: int | None):
-        self.tokenizer, self.eot_id = tokenizer, eot_id
+    def __init__(self, tokenizer: Any, eot_id: int | None, context: list[int] | None = None):
+        self.tokenizer, self.eot_id, self.context = tokenizer, eot_id, context or []
         self.ids: list[int] = []
         self.printed = ""
         self.done = False
@@ -48,7 +49,7 @@ class _Streamer:
             self.done = True
             return
         self.ids.append(token)
-        self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+        self._emit(self.tokenizer.decode_after(self.context, self.ids).rstrip("\ufffd"))
 
     def _emit(self, text: str) -> None:
         if text.startswith(self.printed) and len(text) > len(self.printed):
@@ -58,7 +59,7 @@ class _Streamer:
 
     def finish(self) -> None:
         """Print whatever was held back and end the line."""
-        self._emit(self.tokenizer.decode(self.ids))
+        self._emit(self.tokenizer.decode_after(self.context, self.ids))
         sys.stdout.write("\n")
         sys.stdout.flush()
 
@@ -89,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"=== sample {number} ===")
         sys.stdout.write(args.prompt)
-        streamer = _Streamer(tokenizer, tokenizer.eot_id)
+        streamer = _Streamer(tokenizer, tokenizer.eot_id, prompt_ids)
         generate(model, token_tensor(prompt_ids, 1, device), args.max_length, temperature=args.temperature,
                  top_k=top_k, top_p=top_p, generator=generator, eot_id=tokenizer.eot_id, on_token=streamer)
         streamer.finish()

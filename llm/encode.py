@@ -10,7 +10,10 @@ Documents: a WikiText article starts at a top-level heading line ``^ = [^=].* = 
 The end-of-text token (when the tokenizer has one; else nothing separates documents) is
 emitted before every such heading except the first one of the file; text before the first
 heading belongs to the first document, a text without headings is one document, and
-nothing is appended at the end.
+nothing is appended at the end. A tokenizer that ends every line with its own token (the
+word-level one) gets no document token, and that token also ends a last line that lacks its
+newline: its stream is then the word-level WikiText one papers score, words plus one
+end-of-line per line (the `num_words` of meta.json), with headings alone marking articles.
 Each document, and each chunk, is encoded separately, so a run of newlines cut by a
 chunk boundary is encoded as two runs: deterministic, whatever the worker count.
 """
@@ -96,14 +99,17 @@ def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, int, int, int]:
     """Worker: (token ids, whitespace words, newlines, bytes) of one chunk."""
     tok = _worker_tokenizer
     bounds = sorted({0, *chunk.doc_starts, len(chunk.data)})
+    separator = tok.eot_id if tok.eol_id is None else None
     ids: list[int] = []
     words = 0
     for begin, end in zip(bounds, bounds[1:]):
-        if begin in chunk.doc_starts and tok.eot_id is not None:
-            ids.append(tok.eot_id)
+        if begin in chunk.doc_starts and separator is not None:
+            ids.append(separator)
         text = decode_utf8(chunk.data[begin:end], chunk.path, chunk.offset + begin)
         words += len(text.split())
         ids.extend(tok.encode(text))
+    if tok.eol_id is not None and not chunk.data.endswith(b"\n"):  # the file's last line lacks its newline
+        ids.append(tok.eol_id)
     tokens = np.array(ids, dtype=token_dtype(tok.vocab_size))
     return tokens, words, chunk.data.count(b"\n"), len(chunk.data)
 
@@ -185,7 +191,8 @@ def encode_corpus(raw_dir: str | Path, tokenizer_path: str | Path, shards_dir: s
     dtype = token_dtype(tok.vocab_size)
     meta = {"format_version": FORMAT_VERSION, "tokenizer_sha256": sha256_file(tokenizer_path),
             "tokenizer_type": json.loads(tokenizer_path.read_text(encoding="utf-8")).get("type"),
-            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype, "splits": {}}
+            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "unk_id": tok.unk_id, "dtype": dtype,
+            "splits": {}}
     with atomic_dir(shards_dir) as build, Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker,
                                                initargs=(str(tokenizer_path),)) as pool:
         for split in SPLITS:

@@ -68,7 +68,7 @@ def test_generate_streams_the_seeded_continuation(files: dict[str, Path], monkey
     prompt = torch.tensor([tokenizer.encode("ROMEO:")])
     ids = generate(model, prompt, 12, temperature=0.8, top_k=50, top_p=0.95,
                    generator=torch.Generator().manual_seed(5), eot_id=tokenizer.eot_id)[0, prompt.size(1):]
-    expected = decode_continuation(tokenizer, ids.tolist(), tokenizer.eot_id)
+    expected = decode_continuation(tokenizer, prompt[0].tolist(), ids.tolist(), tokenizer.eot_id)
     assert "".join(stdout.writes) == "ROMEO:" + expected + "\n"
     assert len(stdout.writes) > 3  # the prompt, then the continuation piece by piece
 

@@ -29,6 +29,7 @@ class ByteTokenizer:
         self.eot_id = 256 + offset
         self.vocab_size = 257 + offset
         self.special_tokens = {"<|endoftext|>": self.eot_id}
+        self.unk_id = self.eol_id = None  # lossless, newlines are bytes like any other
 
     def encode(self, text: str) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8")]
@@ -166,14 +167,29 @@ def test_big_vocabulary_is_stored_as_uint32(tmp_path: Path, byte_tokenizer) -> N
 
 def test_word_level_vocabulary_over_65536_words(tmp_path: Path) -> None:
     words = [f"w{i}" for i in range(70_000)]
-    tokenizer = SimpleTokenizer.train(" ".join(words), vocab_size=70_003)
+    tokenizer = SimpleTokenizer.train(" ".join(words), vocab_size=70_004)
     tokenizer.save(tmp_path / "tokenizer.json")
     raw = write_raw(tmp_path, {"train": " = A = \n" + " ".join(words[::-1]) + "\n = B = \n"})
     meta = encode_corpus(raw, tmp_path / "tokenizer.json", tmp_path / "shards", shard_tokens=100_000,
                          num_workers=1)
     tokens = all_tokens(tmp_path / "shards", "train")
     assert meta["dtype"] == "uint32" and meta["tokenizer_type"] == "simple" and tokens.dtype == np.uint32
-    assert tokens.max() == 70_002 and (tokens == tokenizer.eot_id).sum() == 1
+    assert tokens.max() == 70_003 and meta["unk_id"] == tokenizer.unk_id
+    # Lines end in <eol>; articles get no end-of-text token (the headings mark them, as in WikiText's stream)
+    assert (tokens == tokenizer.eol_id).sum() == 3 and (tokens == tokenizer.eot_id).sum() == 0
+
+
+def test_word_level_tokens_are_words_plus_lines(tmp_path: Path, wikitext_valid: Path) -> None:
+    """Each split encoded by the word-level tokenizer has exactly as many tokens as meta.json counts words
+    (whitespace words + one per line): on WikiText-2 valid, the 217,646 of word-level papers."""
+    text = wikitext_valid.read_text(encoding="utf-8")
+    SimpleTokenizer.train(text, vocab_size=5000).save(tmp_path / "tokenizer.json")
+    raw = write_raw(tmp_path, {"train": text[:300_000], "valid": text, "test": text[300_000:400_000]})
+    meta = encode_corpus(raw, tmp_path / "tokenizer.json", tmp_path / "shards", shard_tokens=1 << 20,
+                         num_workers=2, chunk_bytes=100_000)
+    for split, info in meta["splits"].items():
+        assert info["num_tokens"] == info["num_words"], split
+    assert meta["splits"]["valid"]["num_tokens"] == 213_886 + 3_760
 
 
 def test_wikitext_valid_counts(tmp_path: Path, byte_tokenizer, wikitext_valid: Path) -> None:
