@@ -1,4 +1,5 @@
-"""`llm` command line: `llm generate` streams a continuation of a prompt, `llm info` describes a checkpoint.
+"""`llm` command line: `llm generate` streams a continuation of a prompt, `llm info` describes a checkpoint,
+`llm runs` tabulates the experiments and `llm compare` overlays their loss curves (llm/runs.py).
 
 Defaults of `generate` come from the `generate` section of ./params.yaml when there is one (else the
 dataclass defaults in llm.config), so `llm generate` samples like the samples stage does.
@@ -115,6 +116,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Print the runs table (see llm.runs.runs_table)."""
+    from llm.runs import load_runs, render, runs_table
+
+    kind = "csv" if args.csv else "markdown" if args.markdown else "text"
+    sys.stdout.write(render(runs_table(load_runs(), every_param=args.all, sort=args.sort), kind))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Write the figure of the runs' overlaid loss curves (see llm.runs.compare)."""
+    from llm.runs import compare
+
+    figure = compare(args.runs, args.output, x=args.x)
+    runs = [text.get_text().split(":")[0] for text in figure.legends[0].get_texts()]
+    print(f"{args.output}: train and validation loss of {', '.join(runs)} against {args.x}")
+    return 0
+
+
 def _with_range(key: str, text: str) -> str:
     """Help for a generate option, ending with its allowed values (the `generate` field's, in llm.config)."""
     meta = GenerateConfig.__dataclass_fields__[key].metadata
@@ -150,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a checkpoint's config, size, step and metrics")
     info.add_argument("checkpoint", help="models/model.pt or a checkpoints/*.pt file")
     info.set_defaults(func=cmd_info)
+    runs = commands.add_parser("runs", help="table of the workspace and every experiment: the params that "
+                               "differ, the key metrics, best first")
+    runs.add_argument("--all", action="store_true", help="every param, not only those that differ")
+    export = runs.add_mutually_exclusive_group()
+    export.add_argument("--csv", action="store_true", help="CSV with full precision, for pandas or a sheet")
+    export.add_argument("--markdown", action="store_true", help="a GitHub markdown table")
+    runs.add_argument("--sort", default="valid_bpb", metavar="KEY",
+                      help="metric or param to sort by, ascending (default: %(default)s)")
+    runs.set_defaults(func=cmd_runs)
+    compare = commands.add_parser("compare", help="overlay the train and validation loss curves of runs in "
+                                  "one figure")
+    compare.add_argument("runs", nargs="+", metavar="EXP",
+                         help="experiment names (or revisions) as `llm runs` lists them; the workspace joins")
+    compare.add_argument("-o", "--output", default="compare.png",
+                         help="figure to write; .png, .svg or .pdf (default: %(default)s)")
+    compare.add_argument("--x", choices=("step", "tokens", "time"), default="step",
+                         help="x axis: optimizer steps, tokens seen, or training seconds (default: step)")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 
