@@ -11,12 +11,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llm.config import DEVICES, GenerateConfig, RuntimeConfig, check_value, load_params
 from llm.errors import ConfigError, LLMError
+
+if TYPE_CHECKING:  # torch is imported by the commands that run a model: `llm runs` starts faster without it
+    import torch
 
 DEFAULT_CHECKPOINT = "models/model.pt"
 DEFAULT_TOKENIZER = "data/tokenizer.json"
@@ -67,6 +68,8 @@ class _Streamer:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load checkpoint and tokenizer (hashes must match), then stream `num_samples` continuations."""
+    import torch
+
     from llm.checkpoint import load_model_file
     from llm.generate import check_tokenizer_matches, generate, sampling_options, token_tensor
     from llm.hardware import resolve_device

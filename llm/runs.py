@@ -5,7 +5,8 @@ run (the workspace, the commit it is based on, each experiment) holding its para
 its metrics (`valid_bpb`) and the hashes of its dependencies (`data/shards`, dropped here), and
 `dvc.api.read(path, rev=...)` a file as that run left it. Metrics and training logs are `cache: false`
 outputs committed to git with every experiment, so a clone compares runs with no DVC cache pulled.
-Numbers come back as floats (`512.0`), booleans and lists as strings (`'True'`, `"['valid']"`).
+Numbers come back as floats (`512.0`), booleans and lists as strings (`'True'`, `"['valid']"`), a value
+DVC could not read (a run without metrics) as `'!'`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ import contextlib
 import difflib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from llm.config import SECTIONS
 from llm.errors import ConfigError, DataError
-from llm.plots import Curves, log_frame, plot_runs
 from llm.trainlog import TRAIN_LOG, VAL_LOG, parse_tsv
+
+if TYPE_CHECKING:  # matplotlib is imported by `llm compare` alone: `llm runs` starts faster without it
+    from matplotlib.figure import Figure
+
+    from llm.plots import Curves
 
 KEY_METRICS = ("valid_bpb", "valid_word_ppl", "test_bpb", "train_time_s", "num_params", "steps")
 DEFAULT_SORT = "valid_bpb"
@@ -55,8 +60,9 @@ def load_runs() -> pd.DataFrame:
         raise DataError("no runs yet: experiments branch from a git commit (`git add -A && git commit`), "
                         "then `dvc repro` or `dvc exp run` trains one")
     table = pd.DataFrame(rows)
+    table = table.mask(table.eq("!")).infer_objects()  # "!": DVC could not read it (a run without metrics)
     table.index = pd.Index(table["Experiment"].fillna(table["rev"]), name="run")
-    params = [c for c in table.columns if c.split(".")[0] in SECTIONS]
+    params = param_columns(table)
     metrics = [c for c in table.columns if c not in _ROW_INFO and c not in params and "/" not in c]
     if table[metrics].isna().all(axis=None):
         raise DataError("no run has metrics yet: train one first (`dvc repro`, or `dvc exp run` for an "
@@ -80,13 +86,13 @@ def param_columns(table: pd.DataFrame) -> list[str]:
 
 def differing_params(table: pd.DataFrame) -> list[str]:
     """Params whose value is not the same in every row (a missing value counts as a value)."""
-    return [c for c in param_columns(table) if table[c].astype(str).nunique() > 1]
+    return [c for c in param_columns(table) if _exact_text(table[c]).nunique() > 1]
 
 
 def _repeats_a_run(table: pd.DataFrame) -> bool:
     """Whether the workspace has the params and metrics of another row (after `dvc exp run` it holds the
     last experiment's results)."""
-    values = table.drop(columns=["rev", "state"]).astype(str)
+    values = table.drop(columns=["rev", "state"]).apply(_exact_text)
     return bool((values.drop(index=WORKSPACE) == values.loc[WORKSPACE]).all(axis=1).any())
 
 
@@ -114,9 +120,18 @@ def runs_table(table: pd.DataFrame, *, every_param: bool = False, sort: str = DE
     return table.sort_values(sort, na_position="last", kind="stable")[columns]
 
 
+def _missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+
+
+def _exact_text(column: pd.Series) -> pd.Series:
+    """Each value as full-precision text, `-` when missing: equal texts are equal values."""
+    return column.map(lambda value: "-" if _missing(value) else repr(value))
+
+
 def format_value(value: object) -> str:
     """A table cell: `-` when missing, whole numbers as integers, others to 5 significant digits."""
-    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+    if _missing(value):
         return "-"
     if isinstance(value, (int, np.integer)) or isinstance(value, float) and value.is_integer():
         return f"{int(value):,}" if abs(value) >= 10_000 else str(int(value))
@@ -165,6 +180,8 @@ def _read_logs(table: pd.DataFrame, name: str) -> dict[str, str]:
 
 def _curves(table: pd.DataFrame, name: str, logs: dict[str, str], x: str, label: str) -> Curves:
     """One run's train and validation curves with the x column `x` (step, tokens or time) added."""
+    from llm.plots import Curves, log_frame
+
     train, val = (log_frame(parse_tsv(logs[log], f"{name}: metrics/{log}", columns), columns)
                   for log, columns in _LOGS.items())
     if x != "step":
@@ -197,6 +214,8 @@ def compare(names: list[str], out_path: str | os.PathLike, x: str = "step") -> F
     The workspace joins when `llm runs` lists it, that is when it is not a repeat of another run (after
     `dvc exp run` it holds the last experiment's results) and has training logs.
     """
+    from llm.plots import plot_runs
+
     table = load_runs()
     by_rev = {str(rev): name for name, rev in table["rev"].items()}
     chosen = []
