@@ -95,7 +95,7 @@ def plot_runs(runs: list[Curves], x: str, out_path: str | os.PathLike, note: str
     """Train loss (left) and validation loss (right) of every run against `x` (a key of X_LABELS), one
     colour a run, on one loss scale; written atomically, and returned so callers can inspect it."""
     figure = _new_figure(12, 5.5)
-    train_axis, val_axis = figure.subplots(1, 2, sharey=True)
+    train_axis, val_axis = figure.subplots(1, 2, sharex=True, sharey=True)
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
         train_axis.plot(run.train[x], run.train["train_loss"], color=color, linewidth=1, label=run.label)

@@ -47,7 +47,8 @@ def load_runs() -> pd.DataFrame:
     from dvc.scm import NoSCMError
 
     try:
-        rows = dvc.api.exp_show(repo=Repo.find_root())  # not found: exp_show would take "." for a URL
+        root = Repo.find_root()
+        rows = dvc.api.exp_show(repo=root)  # without a root found, exp_show would take "." for a URL
     except NotDvcRepoError:
         raise DataError(f"{Path.cwd()}: not inside a DVC project (no .dvc folder here or above); run this "
                         "in the project folder") from None
@@ -63,12 +64,14 @@ def load_runs() -> pd.DataFrame:
     table = table.mask(table.eq("!")).infer_objects()  # "!": DVC could not read it (a run without metrics)
     table.index = pd.Index(table["Experiment"].fillna(table["rev"]), name="run")
     params = param_columns(table)
+    # The rest are metrics, and the dependencies' hashes, named by their paths (data/shards).
     metrics = [c for c in table.columns if c not in _ROW_INFO and c not in params and "/" not in c]
     if table[metrics].isna().all(axis=None):
         raise DataError("no run has metrics yet: train one first (`dvc repro`, or `dvc exp run` for an "
                         "experiment)")
-    table = table[["rev", "State", *metrics, *params]].rename(columns={"State": "state"})
-    return table.apply(_integers)
+    table = table[["rev", "State", *metrics, *params]].rename(columns={"State": "state"}).apply(_integers)
+    table.attrs["root"] = root
+    return table
 
 
 def _integers(column: pd.Series) -> pd.Series:
@@ -129,14 +132,16 @@ def _exact_text(column: pd.Series) -> pd.Series:
     return column.map(lambda value: "-" if _missing(value) else repr(value))
 
 
-def format_value(value: object) -> str:
-    """A table cell: `-` when missing, whole numbers as integers, others to 5 significant digits."""
+def format_value(value: object, measured: bool = False) -> str:
+    """A table cell: `-` when missing, integers as such, floats to 5 significant digits (a `measured`
+    value keeps its trailing zeros, so a column of metrics lines up: 2.3900 above 2.5832)."""
     if _missing(value):
         return "-"
-    if isinstance(value, (int, np.integer)) or isinstance(value, float) and value.is_integer():
+    whole = isinstance(value, float) and value.is_integer() and not measured
+    if isinstance(value, (int, np.integer)) or whole:
         return f"{int(value):,}" if abs(value) >= 10_000 else str(int(value))
     if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.5g}"
+        return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:{'#' if measured else ''}.5g}"
     return str(value)
 
 
@@ -144,15 +149,14 @@ def render(table: pd.DataFrame, kind: str = "text") -> str:
     """The table as aligned text, GitHub markdown or CSV (CSV keeps full precision)."""
     if kind == "csv":
         return table.to_csv()
-    cells = table.apply(lambda column: column.map(format_value)).astype(str)
-    if kind == "markdown":
-        header = [table.index.name or "run", *cells.columns]
-        lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * len(cells.columns) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in (str(name), *row)) + " |"
-                  for name, row in zip(cells.index, cells.itertuples(index=False))]
-        return "\n".join(lines) + "\n"
+    params = param_columns(table)
+    cells = table.apply(lambda column: column.map(lambda v: format_value(v, column.name not in params)))
     header = [table.index.name or "run", *cells.columns]
     rows = [[str(name), *row] for name, row in zip(cells.index, cells.itertuples(index=False))]
+    if kind == "markdown":
+        lines = [header, ["---"] + ["---:"] * len(cells.columns)] + [[c.replace("|", "\\|") for c in row]
+                                                                   for row in rows]
+        return "".join("| " + " | ".join(line) + " |\n" for line in lines)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "".join("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
                    + "\n" for row in [header, *rows])
@@ -167,11 +171,12 @@ def _read_logs(table: pd.DataFrame, name: str) -> dict[str, str]:
     logs = {}
     for log in _LOGS:
         path = f"metrics/{log}"
+        in_project = Path(table.attrs["root"], path)
         try:
             if name == WORKSPACE:
-                logs[log] = Path(path).read_text(encoding="utf-8")
-            else:
-                logs[log] = dvc.api.read(path, rev=str(table.at[name, "rev"]))
+                logs[log] = in_project.read_text(encoding="utf-8")
+            else:  # dvc.api.read takes paths relative to the current folder
+                logs[log] = dvc.api.read(os.path.relpath(in_project), rev=str(table.at[name, "rev"]))
         except (OSError, DvcException) as exc:
             raise DataError(f"{name}: cannot read {path} ({type(exc).__name__}: {exc}); was it trained "
                             "with this project's train stage?") from None
