@@ -14,6 +14,7 @@ import pytest
 from pipeline_project import TINY_PARAMS, build_project, dvc, git, run, subprocess_env
 
 import llm.runs
+from llm.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -39,19 +40,33 @@ def baseline(project: Path) -> str:
 
 
 def llm_cli(where: Path, *args: str) -> subprocess.CompletedProcess:
-    """`llm ARGS` in `where`, stdout and stderr apart."""
+    """`llm ARGS` in `where` as a user runs it (the console script), stdout and stderr apart."""
     return subprocess.run([LLM, *args], cwd=where, env=subprocess_env(where), capture_output=True, text=True,
                           timeout=120)
 
 
-def runs_csv(where: Path, *args: str) -> pd.DataFrame:
-    done = llm_cli(where, "runs", "--csv", *args)
-    assert done.returncode == 0, done.stderr
-    return pd.read_csv(io.StringIO(done.stdout), index_col="run")
+@pytest.fixture
+def llm_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """`llm ARGS` in a folder, run in this process (no interpreter start-up and imports, a second each):
+    (exit status, stdout, stderr)."""
+    def call(where: Path, *args: str) -> tuple[int, str, str]:
+        monkeypatch.chdir(where)
+        for key, value in subprocess_env(where).items():
+            monkeypatch.setenv(key, value)
+        status = main(list(args))
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+    return call
 
 
-def test_runs_lists_both_experiments_with_the_params_that_differ(project: Path) -> None:
-    table = runs_csv(project)
+def runs_csv(llm_here, where: Path, *args: str) -> pd.DataFrame:
+    status, out, err = llm_here(where, "runs", "--csv", *args)
+    assert status == 0, err
+    return pd.read_csv(io.StringIO(out), index_col="run")
+
+
+def test_runs_lists_both_experiments_with_the_params_that_differ(project: Path, llm_here) -> None:
+    table = runs_csv(llm_here, project)
     assert list(table.index[:2]) == sorted(["fast", "words"], key=lambda name: table.at[name, "valid_bpb"])
     params = ["train.learning_rate", "tokenizer.tokenizer_type"]
     assert table.index[-1] == baseline(project)  # never reproduced: no metrics, so last
@@ -68,17 +83,17 @@ def test_runs_lists_both_experiments_with_the_params_that_differ(project: Path) 
     text = llm_cli(project, "runs").stdout.splitlines()
     assert text[0].split()[:3] == ["run", "valid_bpb", "valid_word_ppl"] and len(text) == 4
     assert [line.split()[0] for line in text[1:]] == list(table.index)
-    markdown = llm_cli(project, "runs", "--markdown", "--all").stdout.splitlines()
+    markdown = llm_here(project, "runs", "--markdown", "--all")[1].splitlines()
     assert markdown[1].startswith("| --- | ---: |") and "| model.d_model |" in markdown[0]
     assert len(markdown) == 2 + 3
 
 
-def test_runs_sorts_by_any_metric_or_param_and_names_a_wrong_key(project: Path) -> None:
-    by_rate = runs_csv(project, "--sort", "train.learning_rate")
+def test_runs_sorts_by_any_metric_or_param_and_names_a_wrong_key(project: Path, llm_here) -> None:
+    by_rate = runs_csv(llm_here, project, "--sort", "train.learning_rate")
     assert by_rate["train.learning_rate"].is_monotonic_increasing
-    done = llm_cli(project, "runs", "--sort", "valid_bp")
-    assert done.returncode == 2 and done.stderr.count("\n") == 1
-    assert done.stderr.startswith("error: --sort valid_bp: no such metric or param; did you mean valid_bpb")
+    status, out, err = llm_here(project, "runs", "--sort", "valid_bp")
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: --sort valid_bp: no such metric or param; did you mean valid_bpb")
 
 
 def test_word_level_evaluation_says_its_bpb_is_not_comparable(project: Path) -> None:
@@ -116,27 +131,27 @@ def test_compare_overlays_the_curves_of_each_run(project: Path, tmp_path: Path,
         assert (pd.Series(fast_train).diff().dropna() > 0).all()
 
 
-def test_compare_from_the_command_line_and_its_errors(project: Path, tmp_path: Path) -> None:
-    done = llm_cli(project, "compare", "fast", "words", baseline(project), "-o", str(tmp_path / "cmp.svg"))
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"error: {baseline(project)}: cannot read metrics/train_log.tsv")
+def test_compare_from_the_command_line_and_its_errors(project: Path, tmp_path: Path, llm_here) -> None:
     done = llm_cli(project / "stages", "compare", "fast", "words", "-o", str(tmp_path / "cmp.svg"))
     assert done.returncode == 0, done.stderr  # from a subfolder of the project too
     assert done.stdout == f"{tmp_path / 'cmp.svg'}: train and validation loss of fast, words against step\n"
     assert (tmp_path / "cmp.svg").read_text(encoding="utf-8").count("<svg") == 1
-    done = llm_cli(project, "compare", "fast", "nope")
-    assert done.returncode == 2 and done.stderr.count("\n") == 1
-    assert done.stderr.startswith(f"error: nope: no such run; the runs are workspace, {baseline(project)},")
-    done = llm_cli(tmp_path, "runs")
-    assert done.returncode == 2 and "not inside a DVC project" in done.stderr and done.stderr.count("\n") == 1
+    status, _, err = llm_here(project, "compare", "fast", "words", baseline(project), "-o", "cmp.png")
+    assert status == 2 and err.startswith(f"error: {baseline(project)}: cannot read metrics/train_log.tsv")
+    status, _, err = llm_here(project, "compare", "fast", "nope")
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: nope: no such run; the runs are workspace, {baseline(project)},")
+    status, _, err = llm_here(tmp_path, "runs")
+    assert status == 2 and "not inside a DVC project" in err and err.count("\n") == 1
+    assert not (project / "cmp.png").exists()
 
 
-def test_a_clone_with_git_alone_compares_the_runs(project: Path, tmp_path: Path) -> None:
+def test_a_clone_with_git_alone_compares_the_runs(project: Path, tmp_path: Path, llm_here) -> None:
     """Metrics and training logs are committed with each experiment: no DVC cache is needed."""
     clone = tmp_path / "clone"
     run(tmp_path, "git", "clone", "-q", str(project), str(clone))
     git(clone, "fetch", "-q", "origin", "refs/exps/*:refs/exps/*")  # what `dvc exp pull` fetches from git
     assert not (clone / ".dvc" / "cache").exists() and not (clone / "models" / "model.pt").exists()
-    assert set(runs_csv(clone).index) == {"fast", "words", baseline(project)}
+    assert set(runs_csv(llm_here, clone).index) == {"fast", "words", baseline(project)}
     done = llm_cli(clone, "compare", "fast", "words", "-o", "cmp.png")
     assert done.returncode == 0 and (clone / "cmp.png").is_file(), done.stderr
