@@ -283,6 +283,7 @@ def session(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # every README command in turn: ~190 s on a busy 2-core machine
 def test_readme_commands_work_as_printed_in_a_fresh_clone(session: Session) -> None:
     for command in readme_commands():
         if command in RUN:
