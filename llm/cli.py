@@ -1,4 +1,5 @@
-"""`llm` command line: `llm generate` streams a continuation of a prompt, `llm info` describes a checkpoint.
+"""`llm` command line: `llm generate` streams a continuation of a prompt, `llm info` describes a checkpoint,
+`llm runs` tabulates the experiments and `llm compare` overlays their loss curves (llm/runs.py).
 
 Defaults of `generate` come from the `generate` section of ./params.yaml when there is one (else the
 dataclass defaults in llm.config), so `llm generate` samples like the samples stage does.
@@ -11,12 +12,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
-
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from llm.config import DEVICES, GenerateConfig, RuntimeConfig, check_value, load_params
 from llm.errors import ConfigError, LLMError
+
+if TYPE_CHECKING:  # torch is imported by the commands that run a model: `llm runs` starts faster without it
+    import torch
 
 DEFAULT_CHECKPOINT = "models/model.pt"
 DEFAULT_TOKENIZER = "data/tokenizer.json"
@@ -40,14 +42,15 @@ def _project_defaults() -> tuple[GenerateConfig, RuntimeConfig]:
 
 
 class _Streamer:
-    """Prints each row's new text as tokens arrive: decode the whole continuation, print the new suffix.
+    """Prints each row's new text as tokens arrive: decode the whole continuation (as it reads after the
+    prompt ids `context`), print the new suffix.
 
     Text ending in U+FFFD may be a multi-byte character cut in half, so it is held back until the
     next token completes it (or until `finish`).
     """
 
-    def __init__(self, tokenizer: Any, eot_id: int | None):
-        self.tokenizer, self.eot_id = tokenizer, eot_id
+    def __init__(self, tokenizer: Any, eot_id: int | None, context: list[int] | None = None):
+        self.tokenizer, self.eot_id, self.context = tokenizer, eot_id, context or []
         self.ids: list[int] = []
         self.printed = ""
         self.done = False
@@ -58,7 +61,7 @@ class _Streamer:
             self.done = True
             return
         self.ids.append(token)
-        self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+        self._emit(self.tokenizer.decode_after(self.context, self.ids).rstrip("\ufffd"))
 
     def _emit(self, text: str) -> None:
         if text.startswith(self.printed) and len(text) > len(self.printed):
@@ -68,13 +71,15 @@ class _Streamer:
 
     def finish(self) -> None:
         """Print whatever was held back and end the line."""
-        self._emit(self.tokenizer.decode(self.ids))
+        self._emit(self.tokenizer.decode_after(self.context, self.ids))
         sys.stdout.write("\n")
         sys.stdout.flush()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load checkpoint and tokenizer (hashes must match), then stream `num_samples` continuations."""
+    import torch
+
     from llm.checkpoint import load_model_file
     from llm.generate import check_tokenizer_matches, generate, sampling_options, token_tensor
     from llm.hardware import resolve_device
@@ -99,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"=== sample {number} ===")
         sys.stdout.write(args.prompt)
-        streamer = _Streamer(tokenizer, tokenizer.eot_id)
+        streamer = _Streamer(tokenizer, tokenizer.eot_id, prompt_ids)
         generate(model, token_tensor(prompt_ids, 1, device), args.max_length, temperature=args.temperature,
                  top_k=top_k, top_p=top_p, generator=generator, eot_id=tokenizer.eot_id, on_token=streamer)
         streamer.finish()
@@ -121,6 +126,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("metrics:")
     for key, value in (payload.get("metrics") or {}).items():
         print(f"  {key}: {json.dumps(value)}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Print the runs table (see llm.runs.runs_table)."""
+    from llm.runs import load_runs, render, runs_table
+
+    kind = "csv" if args.csv else "markdown" if args.markdown else "text"
+    sys.stdout.write(render(runs_table(load_runs(), every_param=args.all, sort=args.sort), kind))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Write the figure of the runs' overlaid loss curves (see llm.runs.compare)."""
+    from llm.runs import compare
+
+    figure = compare(args.runs, args.output, x=args.x)
+    runs = [text.get_text().split(":")[0] for text in figure.legends[0].get_texts()]
+    print(f"{args.output}: train and validation loss of {', '.join(runs)} against {args.x}")
     return 0
 
 
@@ -159,6 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a checkpoint's config, size, step and metrics")
     info.add_argument("checkpoint", help="models/model.pt or a checkpoints/*.pt file")
     info.set_defaults(func=cmd_info)
+    runs = commands.add_parser("runs", help="table of the workspace and every experiment: the params that "
+                               "differ, the key metrics, best first")
+    runs.add_argument("--all", action="store_true", help="every param, not only those that differ")
+    export = runs.add_mutually_exclusive_group()
+    export.add_argument("--csv", action="store_true", help="CSV with full precision, for pandas or a sheet")
+    export.add_argument("--markdown", action="store_true", help="a GitHub markdown table")
+    runs.add_argument("--sort", default="valid_bpb", metavar="KEY",
+                      help="metric or param to sort by, ascending (default: %(default)s)")
+    runs.set_defaults(func=cmd_runs)
+    compare = commands.add_parser("compare", help="overlay the train and validation loss curves of runs in "
+                                  "one figure")
+    compare.add_argument("runs", nargs="+", metavar="EXP",
+                         help="experiment names (or revisions) as `llm runs` lists them; the workspace joins")
+    compare.add_argument("-o", "--output", default="compare.png",
+                         help="figure to write; .png, .svg or .pdf (default: %(default)s)")
+    compare.add_argument("--x", choices=("step", "tokens", "time"), default="step",
+                         help="x axis: optimizer steps, tokens seen, or training seconds (default: step)")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

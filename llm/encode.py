@@ -11,7 +11,10 @@ Documents: a WikiText article starts at a top-level heading line ``^ = [^=].* = 
 The end-of-text token (when the tokenizer has one; else nothing separates documents) is
 emitted before every such heading except the first one of the file; text before the first
 heading belongs to the first document, a text without headings is one document, and
-nothing is appended at the end.
+nothing is appended at the end. A tokenizer that ends every line with its own token (the
+word-level one) gets no document token, and that token also ends a last line that lacks its
+newline: its stream is then the word-level WikiText one papers score, words plus one
+end-of-line per line (the `num_words` of meta.json), with headings alone marking articles.
 Each document, and each chunk, is encoded separately, so a run of newlines cut by a
 chunk boundary is encoded as two runs: deterministic, whatever the worker count.
 """
@@ -56,11 +59,12 @@ class _Chunk(NamedTuple):
     offset: int                  # byte offset of `data` in the file (for error messages)
     data: bytes
     doc_starts: tuple[int, ...]  # positions in `data` that get an end-of-text token before them
+    ends_line: bool              # `data` ends a line (with its newline, or the file's last one without)
 
 
-def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
-    """(offset, bytes, starts a line) pieces of about chunk_bytes, each ending after a newline (or at
-    EOF), or inside a line longer than chunk_bytes (see `_long_line_cut`)."""
+def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes, bool, bool]]:
+    """(offset, bytes, starts a line, ends a line) pieces of about chunk_bytes, each ending after a
+    newline (or at EOF), or inside a line longer than chunk_bytes (see `_long_line_cut`)."""
     offset, carry, line_start = 0, b"", True
     with open(path, "rb") as f:
         while data := f.read(chunk_bytes):
@@ -71,10 +75,11 @@ def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes, boo
                     carry = buffer
                     continue
                 cut = _long_line_cut(buffer, len(carry))
-            yield offset, buffer[:cut], line_start
-            offset, carry, line_start = offset + cut, buffer[cut:], buffer[cut - 1] == ord("\n")
+            ends_line = buffer[cut - 1] == ord("\n")
+            yield offset, buffer[:cut], line_start, ends_line
+            offset, carry, line_start = offset + cut, buffer[cut:], ends_line
     if carry:
-        yield offset, carry, line_start
+        yield offset, carry, line_start, True
 
 
 def _long_line_cut(buffer: bytes, fresh: int) -> int:
@@ -99,11 +104,11 @@ def heading_starts(data: bytes) -> list[int]:
 def _chunks(path: Path, chunk_bytes: int) -> Iterator[_Chunk]:
     """The split as chunks; documents start at every heading but the file's first one."""
     seen_heading = False
-    for offset, data, line_start in _line_chunks(path, chunk_bytes):
+    for offset, data, line_start, ends_line in _line_chunks(path, chunk_bytes):
         starts = [start for start in heading_starts(data) if start or line_start]
         if starts and not seen_heading:
             starts, seen_heading = starts[1:], True
-        yield _Chunk(str(path), offset, data, tuple(starts))
+        yield _Chunk(str(path), offset, data, tuple(starts), ends_line)
 
 
 def _init_worker(tokenizer_path: str) -> None:
@@ -126,16 +131,19 @@ def _encode_chunk(chunk: _Chunk) -> _Encoded:
     """Worker: the token ids and the counts of one chunk."""
     tok = _worker_tokenizer
     bounds = sorted({0, *chunk.doc_starts, len(chunk.data)})
+    separator = tok.eot_id if tok.eol_id is None else None
     ids: list[int] = []
     words = 0
     texts = []
     for begin, end in zip(bounds, bounds[1:]):
-        if begin in chunk.doc_starts and tok.eot_id is not None:
-            ids.append(tok.eot_id)
+        if begin in chunk.doc_starts and separator is not None:
+            ids.append(separator)
         text = decode_utf8(chunk.data[begin:end], chunk.path, chunk.offset + begin)
         words += len(text.split())
         ids.extend(tok.encode(text))
         texts.append(text)
+    if tok.eol_id is not None and chunk.ends_line and not chunk.data.endswith(b"\n"):  # the file's last
+        ids.append(tok.eol_id)  # line, without its newline (a chunk cut inside a line gets none)
     tokens = np.array(ids, dtype=token_dtype(tok.vocab_size))
     edges = (not texts[0][:1].isspace(), not texts[-1][-1:].isspace()) if texts else (False, False)
     return _Encoded(tokens, words, chunk.data.count(b"\n"), len(chunk.data), edges)
@@ -231,7 +239,8 @@ def encode_corpus(raw_dir: str | Path, tokenizer_path: str | Path, shards_dir: s
     dtype = token_dtype(tok.vocab_size)
     meta = {"format_version": FORMAT_VERSION, "tokenizer_sha256": sha256_file(tokenizer_path),
             "tokenizer_type": json.loads(tokenizer_path.read_text(encoding="utf-8")).get("type"),
-            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype, "splits": {}}
+            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "unk_id": tok.unk_id, "dtype": dtype,
+            "splits": {}}
     with atomic_dir(shards_dir) as build, Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker,
                                                initargs=(str(tokenizer_path),)) as pool:
         for split in SPLITS:

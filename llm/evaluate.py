@@ -104,9 +104,34 @@ def split_metrics(shards: TokenShards, total_nats: float, scored_tokens: int) ->
     }
 
 
+def token_count(shards: TokenShards, token_id: int | None, block: int = 1 << 22) -> int:
+    """How often `token_id` occurs in the split (0 for None), read `block` tokens at a time."""
+    if token_id is None:
+        return 0
+    return sum(int(np.count_nonzero(shards.read(start, min(block, len(shards) - start)) == token_id))
+               for start in range(0, len(shards), block))
+
+
+def unk_notes(metrics: dict[str, float | int]) -> list[str]:
+    """One line per split whose text the tokenizer could not fully represent (`<split>_unk_rate` > 0):
+    its bpb and word_ppl score `<unk>` in place of the words, so they are not comparable with a
+    lossless tokenizer's."""
+    notes = []
+    for key, rate in metrics.items():
+        if key.endswith("_unk_rate") and rate > 0:
+            split = key[:-len("_unk_rate")]
+            notes.append(f"note: {rate:.1%} of the {split} tokens are <unk>: {split}_bpb and "
+                         f"{split}_word_ppl score <unk> instead of the words it replaced, so they are not "
+                         "comparable with a lossless tokenizer's (bpe); compare them between runs of one "
+                         "word-level vocabulary (on WikiText's tokenized release, whose text holds <unk>, "
+                         f"{split}_word_ppl is the number papers report)")
+    return notes
+
+
 def evaluate_splits(model: torch.nn.Module, shards_dir: str | os.PathLike, splits: list[str], *,
                     stride: int = 0, batch_size: int = 8, progress: bool = False) -> dict[str, float | int]:
-    """Flat metrics (`valid_loss`, `valid_ppl`, ..., `valid_tokens`, `test_loss`, ...) for each split."""
+    """Flat metrics (`valid_loss`, `valid_ppl`, ..., `valid_tokens`, `valid_unk_rate`, `test_loss`, ...) for
+    each split; `<split>_unk_rate` is the share of the split's tokens that are `<unk>` (0 for BPE)."""
     meta = read_meta(shards_dir)
     metrics: dict[str, float | int] = {}
     for split in splits:
@@ -117,6 +142,7 @@ def evaluate_splits(model: torch.nn.Module, shards_dir: str | os.PathLike, split
         nats, scored = evaluate_split(model, shards, window=model.config.max_seq_length, stride=stride,
                                       batch_size=batch_size, progress=progress)
         metrics.update(split_metrics(shards, nats, scored))
+        metrics[f"{split}_unk_rate"] = token_count(shards, meta.get("unk_id")) / len(shards)
     return metrics
 
 

@@ -164,11 +164,12 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int = 20
     return sequence[:, :length]
 
 
-def decode_continuation(tokenizer: Any, row: list[int], eot_id: int | None) -> str:
-    """Text of generated token ids, cut at the first end-of-text token (which is not shown)."""
+def decode_continuation(tokenizer: Any, prompt_ids: list[int], row: list[int], eot_id: int | None) -> str:
+    """Text of generated token ids as it reads after the prompt (`Tokenizer.decode_after`), cut at the
+    first end-of-text token (which is not shown)."""
     if eot_id is not None and eot_id in row:
         row = row[:row.index(eot_id)]
-    return tokenizer.decode(row)
+    return tokenizer.decode_after(prompt_ids, row)
 
 
 def check_tokenizer_matches(tokenizer_path: str | os.PathLike, payload: dict[str, Any],
@@ -217,6 +218,6 @@ def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateCon
               f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}", ""]
     body = []
     for number, row in enumerate(rows, start=1):
-        text = decode_continuation(tokenizer, row[len(prompt_ids):].tolist(), tokenizer.eot_id)
+        text = decode_continuation(tokenizer, prompt_ids, row[len(prompt_ids):].tolist(), tokenizer.eot_id)
         body += [f"=== sample {number} ===", settings.prompt + text, ""]
     return "\n".join(header + body)

@@ -3,8 +3,9 @@
 The format (written by llm.encode, the encode stage): `<shards_dir>/<split>/shard_NNNNN.npy`,
 one-dimensional arrays of token ids (uint16 when the vocabulary fits, else uint32) that
 concatenate to the split, and `<shards_dir>/meta.json`: the format version, the tokenizer's
-sha256, type and vocab_size, the end-of-text id, the dtype, and per split its token count,
-UTF-8 bytes, words (whitespace words plus one per line) and lines, and its shard files.
+sha256, type and vocab_size, the end-of-text and unknown-word ids (null when there is none),
+the dtype, and per split its token count, UTF-8 bytes, words (whitespace words plus one per
+line) and lines, and its shard files.
 
 :class:`TokenShards` memory-maps one split as one sequence, :class:`WindowSampler` orders
 training windows as a pure function of (seed, epoch, step), and :func:`get_batch` turns window
@@ -25,7 +26,7 @@ from llm.errors import DataError
 if TYPE_CHECKING:  # torch is imported lazily: the encode stage's workers import this module too
     import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records unk_id
 
 
 def read_meta(shards_dir: str | Path) -> dict:

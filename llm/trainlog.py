@@ -32,23 +32,30 @@ def format_tsv(columns: tuple[str, ...], rows: list[list[float | int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_tsv(path: str | os.PathLike, needed: tuple[str, ...] = ()) -> list[dict[str, float]]:
-    """Rows of a TSV written by format_tsv, as dicts of floats; DataError if it is missing, lacks a
-    `needed` column or is not numeric."""
-    path = Path(path)
-    try:
-        header, *lines = path.read_text(encoding="utf-8").splitlines() or [""]
-    except FileNotFoundError:
-        raise DataError(f"{path}: training log not found; run the train stage first (dvc repro train)"
-                        ) from None
+def parse_tsv(text: str, source: str, needed: tuple[str, ...] = ()) -> list[dict[str, float]]:
+    """Rows of a TSV written by format_tsv (`text`, read from `source`), as dicts of floats; DataError if it
+    lacks a `needed` column or is not numeric (a row cut short included)."""
+    header, *lines = text.splitlines() or [""]
     columns = header.split("\t")
     missing = [c for c in needed if c not in columns]
     if missing:
-        raise DataError(f"{path}: no column {', '.join(missing)} (header: {columns}); re-run the train stage")
+        raise DataError(f"{source}: no column {', '.join(missing)} (header: {columns}); "
+                        "re-run the train stage")
     try:
         return [dict(zip(columns, map(float, line.split("\t")), strict=True)) for line in lines if line]
     except ValueError as exc:
-        raise DataError(f"{path}: not a numeric log ({exc}); re-run the train stage") from None
+        raise DataError(f"{source}: not a numeric log ({exc}); re-run the train stage") from None
+
+
+def read_tsv(path: str | os.PathLike, needed: tuple[str, ...] = ()) -> list[dict[str, float]]:
+    """`parse_tsv` of a file; DataError if it is missing."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: training log not found; run the train stage first (dvc repro train)"
+                        ) from None
+    return parse_tsv(text, str(path), needed)
 
 
 @dataclass

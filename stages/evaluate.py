@@ -10,7 +10,7 @@ from llm.stage import dependencies_or_exit, run_stage
 with dependencies_or_exit():
     from llm.checkpoint import load_model_file
     from llm.config import load_params
-    from llm.evaluate import check_same_tokenizer, evaluate_splits
+    from llm.evaluate import check_same_tokenizer, evaluate_splits, unk_notes
     from llm.hardware import autocast, resolve_device, resolve_precision
     from llm.io import check_outputs, write_json_atomic
     from llm.plots import plot_loss, run_title
@@ -36,6 +36,8 @@ def main() -> None:
     title = run_title(payload, shards_meta.get("tokenizer_type", "?"))
     plot_loss(TRAIN_LOG, VAL_LOG, LOSS_PLOT, title)
     print(", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+    for note in unk_notes(metrics):
+        print(note)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from llm.config import ModelConfig
 from llm.generate import decode_continuation, generate
 from llm.io import sha256_file
 from llm.model import GPT
-from llm.tokenizers import BPETokenizer, load_tokenizer
+from llm.tokenizers import BPETokenizer, SimpleTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(vocab_size=300, d_model=32, num_heads=2, num_layers=2, d_ff=64, max_seq_length=32,
@@ -68,7 +68,7 @@ def test_generate_streams_the_seeded_continuation(files: dict[str, Path], monkey
     prompt = torch.tensor([tokenizer.encode("ROMEO:")])
     ids = generate(model, prompt, 12, temperature=0.8, top_k=50, top_p=0.95,
                    generator=torch.Generator().manual_seed(5), eot_id=tokenizer.eot_id)[0, prompt.size(1):]
-    expected = decode_continuation(tokenizer, ids.tolist(), tokenizer.eot_id)
+    expected = decode_continuation(tokenizer, prompt[0].tolist(), ids.tolist(), tokenizer.eot_id)
     assert "".join(stdout.writes) == "ROMEO:" + expected + "\n"
     assert len(stdout.writes) > 3  # the prompt, then the continuation piece by piece
 
@@ -84,6 +84,18 @@ def test_streamer_never_prints_half_a_character(files: dict[str, Path], monkeypa
     streamer.finish()
     assert "".join(stdout.writes) == text + "\n"
     assert not any("\ufffd" in piece for piece in stdout.writes)
+
+
+def test_streamer_puts_a_space_between_the_prompt_and_a_word_level_continuation(monkeypatch: MonkeyPatch
+                                                                                 ) -> None:
+    tokenizer = SimpleTokenizer.train("once upon a time there was a cat", vocab_size=11)
+    stdout = Recorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    streamer = _Streamer(tokenizer, tokenizer.eot_id, tokenizer.encode("once upon a time"))
+    for token in tokenizer.encode("there was\na cat"):
+        streamer(torch.tensor([token]))
+    streamer.finish()
+    assert stdout.writes == [" there", " was", "\n", "a", " cat", "\n"]
 
 
 def test_info_prints_config_size_step_and_metrics(files: dict[str, Path], capsys: CaptureFixture) -> None:

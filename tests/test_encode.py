@@ -30,6 +30,7 @@ class ByteTokenizer:
         self.eot_id = 256 + offset
         self.vocab_size = 257 + offset
         self.special_tokens = {"<|endoftext|>": self.eot_id}
+        self.unk_id = self.eol_id = None  # lossless, newlines are bytes like any other
 
     def encode(self, text: str) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8")]
@@ -177,7 +178,7 @@ def test_a_line_longer_than_a_chunk_is_cut_without_changing_its_tokens_or_counts
 def test_chunks_of_one_long_line_stay_under_two_chunk_sizes(tmp_path: Path) -> None:
     path = tmp_path / "line.txt"
     path.write_bytes(b"word " * (1 << 20) + b"x" * (1 << 20))  # a 6 MiB line, its last MiB one word
-    sizes = [len(data) for _, data, _ in llm.encode._line_chunks(path, 1 << 16)]
+    sizes = [len(data) for _, data, _, _ in llm.encode._line_chunks(path, 1 << 16)]
     assert sum(sizes) == path.stat().st_size and max(sizes) <= 2 << 16
 
 
@@ -185,7 +186,7 @@ def test_a_cut_inside_a_line_never_starts_a_document(tmp_path: Path, bpe_file: P
     """A chunk that begins inside a line (` = Bar = ` after a cut) is not a heading line."""
     text = " = First = \n" + "a" * (4000 - 12 - 2) + " = Bar = \nnext line\n"  # reads end at ` =`
     raw = write_raw(tmp_path, {"train": text})
-    chunks = [data for _, data, _ in llm.encode._line_chunks(raw / "train.txt", 2000)]
+    chunks = [data for _, data, _, _ in llm.encode._line_chunks(raw / "train.txt", 2000)]
     assert chunks[2].startswith(b" = Bar = \n")
     encode_corpus(raw, bpe_file, tmp_path / "shards", shard_tokens=10_000, num_workers=1, chunk_bytes=2000)
     tokenizer = load_tokenizer(bpe_file)
@@ -220,14 +221,29 @@ def test_big_vocabulary_is_stored_as_uint32(tmp_path: Path, byte_tokenizer) -> N
 
 def test_word_level_vocabulary_over_65536_words(tmp_path: Path) -> None:
     words = [f"w{i}" for i in range(70_000)]
-    tokenizer = SimpleTokenizer.train(" ".join(words), vocab_size=70_003)
+    tokenizer = SimpleTokenizer.train(" ".join(words), vocab_size=70_004)
     tokenizer.save(tmp_path / "tokenizer.json")
     raw = write_raw(tmp_path, {"train": " = A = \n" + " ".join(words[::-1]) + "\n = B = \n"})
     meta = encode_corpus(raw, tmp_path / "tokenizer.json", tmp_path / "shards", shard_tokens=100_000,
                          num_workers=1)
     tokens = all_tokens(tmp_path / "shards", "train")
     assert meta["dtype"] == "uint32" and meta["tokenizer_type"] == "simple" and tokens.dtype == np.uint32
-    assert tokens.max() == 70_002 and (tokens == tokenizer.eot_id).sum() == 1
+    assert tokens.max() == 70_003 and meta["unk_id"] == tokenizer.unk_id
+    # Lines end in <eol>; articles get no end-of-text token (the headings mark them, as in WikiText's stream)
+    assert (tokens == tokenizer.eol_id).sum() == 3 and (tokens == tokenizer.eot_id).sum() == 0
+
+
+def test_word_level_tokens_are_words_plus_lines(tmp_path: Path, wikitext_valid: Path) -> None:
+    """Each split encoded by the word-level tokenizer has exactly as many tokens as meta.json counts words
+    (whitespace words + one per line): on WikiText-2 valid, the 217,646 of word-level papers."""
+    text = wikitext_valid.read_text(encoding="utf-8")
+    SimpleTokenizer.train(text, vocab_size=5000).save(tmp_path / "tokenizer.json")
+    raw = write_raw(tmp_path, {"train": text[:300_000], "valid": text, "test": text[300_000:400_000]})
+    meta = encode_corpus(raw, tmp_path / "tokenizer.json", tmp_path / "shards", shard_tokens=1 << 20,
+                         num_workers=2, chunk_bytes=100_000)
+    for split, info in meta["splits"].items():
+        assert info["num_tokens"] == info["num_words"], split
+    assert meta["splits"]["valid"]["num_tokens"] == 213_886 + 3_760
 
 
 def test_wikitext_valid_counts(tmp_path: Path, byte_tokenizer, wikitext_valid: Path) -> None:

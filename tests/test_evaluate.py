@@ -16,13 +16,14 @@ from train_project import outputs, run_stage_in_process, write_params, write_sha
 
 from llm.checkpoint import load_model_file
 from llm.config import GenerateConfig, ModelConfig
+from llm.encode import encode_corpus
 from llm.errors import DataError
-from llm.evaluate import evaluate_split, evaluate_splits, window_plan
+from llm.evaluate import evaluate_split, evaluate_splits, unk_notes, window_plan
 from llm.generate import samples_report
 from llm.model import GPT
 from llm.plots import plot_loss
 from llm.shards import TokenShards
-from llm.tokenizers import load_tokenizer
+from llm.tokenizers import SimpleTokenizer, load_tokenizer
 from llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,26 @@ def test_uniform_model_metrics_match_hand_computation(byte_shards: Path) -> None
         assert metrics[f"{split}_bpb"] == pytest.approx(8.0, rel=1e-6)
         word_ppl = math.exp(math.log(vocab) * info["num_tokens"] / info["num_words"])
         assert metrics[f"{split}_word_ppl"] == pytest.approx(word_ppl, rel=1e-5)
+        assert metrics[f"{split}_unk_rate"] == 0  # a byte-level BPE represents every text
+    assert unk_notes(metrics) == []
+
+
+def test_unk_rate_is_the_share_of_words_outside_the_vocabulary(tmp_path: Path) -> None:
+    """valid: 8 words on 2 lines, 2 of them unknown (dog, log): 2 <unk> in 10 tokens."""
+    texts = {"train": "the cat sat on the mat\n", "valid": "the dog sat on the log\nthe cat\n",
+             "test": "the cat sat on the mat\n"}
+    (tmp_path / "raw").mkdir()
+    for split, text in texts.items():
+        (tmp_path / "raw" / f"{split}.txt").write_text(text, encoding="utf-8")
+    tokenizer = SimpleTokenizer.train(texts["train"], vocab_size=9)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    encode_corpus(tmp_path / "raw", tmp_path / "tokenizer.json", tmp_path / "shards", shard_tokens=64,
+                  num_workers=1)
+    metrics = evaluate_splits(UniformModel(tokenizer.vocab_size, 4), tmp_path / "shards", ["valid", "test"])
+    assert metrics["valid_unk_rate"] == pytest.approx(2 / 10) and metrics["test_unk_rate"] == 0
+    [note] = unk_notes(metrics)
+    assert note.startswith("note: 20.0% of the valid tokens are <unk>: valid_bpb and valid_word_ppl")
+    assert "not comparable" in note
 
 
 @pytest.mark.parametrize(("num_tokens", "window", "stride"),
@@ -132,7 +153,8 @@ def test_evaluate_stage_writes_metrics_and_plot(eval_project: Path) -> None:
     assert done.returncode == 0, done.stderr
     metrics = json.loads((eval_project / "metrics" / "eval.json").read_text())
     for split in ("valid", "test"):
-        assert set(metrics) >= {f"{split}_{key}" for key in ("loss", "ppl", "bpb", "word_ppl", "tokens")}
+        assert set(metrics) >= {f"{split}_{key}"
+                                for key in ("loss", "ppl", "bpb", "word_ppl", "tokens", "unk_rate")}
         assert 0 < metrics[f"{split}_loss"] < math.log(300)  # trained: better than uniform
         assert metrics[f"{split}_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]))
     assert (eval_project / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

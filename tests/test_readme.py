@@ -108,10 +108,35 @@ def generate(s: Session, command: str) -> None:
 
 
 def experiment(s: Session, command: str, suffix: str = "") -> None:
-    """An experiment run in the workspace; remember its name for the placeholders below."""
+    """An experiment run in the workspace (trained, or restored from DVC's cache when an earlier run had
+    its params: lr-3e-3 repeats tiny-cpu); remember its name for the placeholders below."""
     output = s.run(f"{command} {suffix}".strip())
     s.experiments += re.findall(r"Ran experiment\(s\): (\S+)", output)
-    assert "train" in stages_ran(output), output
+    assert "train" in stages_ran(output) or "Stage 'train' is cached" in output, output
+
+
+def runs(s: Session, command: str) -> None:
+    """`llm runs`: a row for every experiment of the commit (none yet: the workspace), best first."""
+    lines = s.run(command).splitlines()
+    assert lines[0].split()[:2] == ["run", "valid_bpb"], lines
+    names = [line.split()[0] for line in lines[1:]]
+    experiments = s.run("dvc exp list --name-only").split()
+    assert set(experiments) <= set(names) and (experiments or "workspace" in names), lines
+    scored = [float(line.split()[1]) for line in lines[1:] if line.split()[1] != "-"]
+    assert scored == sorted(scored) and len(scored) >= len(experiments), lines
+
+
+def compare(s: Session, command: str) -> None:
+    """`llm compare` of the three runs just made: one PNG, all three in it."""
+    output = s.run(command)
+    assert "lr-1e-3, lr-3e-3, lr-1e-2 against step" in output, output
+    assert (s.clone / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def only_changed(s: Session, command: str) -> None:
+    """The readable `dvc exp show`: the learning rate that differs, no column of dependency hashes."""
+    output = s.run(command)
+    assert "learning_rate" in output and "llm/model.py" not in output, output
 
 
 def plots(page: str) -> Callable[[Session, str], None]:
@@ -127,7 +152,8 @@ def keep_best(s: Session, command: str) -> None:
     s.run(command.replace("<exp-name>", s.experiments[1]))
     committed = s.run("git show --name-only --format= HEAD").split()
     assert "params.yaml" in committed
-    assert not [f for f in committed if f.split("/")[0] in ("runs.json", "plots-compare", "dvc_plots")]
+    assert not [f for f in committed
+                if f.split("/")[0] in ("runs.json", "plots-compare", "dvc_plots", "compare.png")]
 
 
 def queue_start(s: Session, command: str) -> None:
@@ -176,7 +202,7 @@ def as_printed(s: Session, command: str) -> None:
 RUN: dict[str, Callable[[Session, str], None]] = {
     "make repro": make_repro,
     "source .venv/bin/activate": as_printed,  # and before every command below
-    "dvc exp show": as_printed,
+    "llm runs": runs,  # after make repro, after the experiments below, and after the queued grid
     'llm generate --prompt "Once upon a time" --checkpoint models/model.pt': generate,
     "dvc exp run -n tiny-cpu -S data.dataset=text_files "
     "-S data.text_files_dir=../shared/data/tinyshakespeare -S tokenizer.vocab_size=1024 -S model.d_model=128 "
@@ -185,7 +211,11 @@ RUN: dict[str, Callable[[Session, str], None]] = {
     "-S train.warmup_steps=30 -S train.learning_rate=0.003 -S train.min_lr=0.0003 -S train.eval_interval=100 "
     "-S train.eval_batches=20 -S train.checkpoint_interval=100 -S generate.max_length=50":
         lambda s, command: experiment(s, command, SHRINK),
-    "dvc exp run -S model.d_model=256 -S train.learning_rate=1e-3": experiment,
+    "dvc exp run -n lr-1e-3 -S train.learning_rate=1e-3": experiment,
+    "dvc exp run -n lr-3e-3 -S train.learning_rate=3e-3": experiment,
+    "dvc exp run -n lr-1e-2 -S train.learning_rate=1e-2": experiment,
+    "llm compare lr-1e-3 lr-3e-3 lr-1e-2 -o compare.png": compare,
+    "dvc exp show --only-changed --drop /": only_changed,
     "dvc exp show --json > runs.json": as_printed,
     "dvc plots show": plots("dvc_plots"),
     "dvc plots diff": plots("dvc_plots"),
@@ -253,6 +283,7 @@ def session(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # every README command in turn: ~190 s on a busy 2-core machine
 def test_readme_commands_work_as_printed_in_a_fresh_clone(session: Session) -> None:
     for command in readme_commands():
         if command in RUN:

@@ -1,7 +1,9 @@
 """The tokenizer interface, its versioned JSON file format, and `load_tokenizer`.
 
-Every tokenizer saves to one JSON document ``{"type": ..., "version": 1, ...}`` that
-holds everything needed to rebuild it exactly; pickle is never used.
+Every tokenizer saves to one JSON document ``{"type": ..., "version": ..., ...}`` that
+holds everything needed to rebuild it exactly; pickle is never used. Each type numbers its own
+file versions (`Tokenizer.version`, the newest): a change of the layout bumps it, and files of
+older versions still load.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from llm.io import write_json_atomic
 if TYPE_CHECKING:
     from llm.config import TokenizerConfig
 
-FORMAT_VERSION = 1
 EOT = "<|endoftext|>"
 AllowedSpecial = Literal["all"] | Collection[str]
 
@@ -35,6 +36,7 @@ class Tokenizer(ABC):
     and implement the abstract methods."""
 
     kind: ClassVar[str] = ""
+    version: ClassVar[int] = 1  # newest file version of this type; load_tokenizer reads 1..version
     _special: dict[str, int]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -80,6 +82,24 @@ class Tokenizer(ABC):
         """Id of `<|endoftext|>`, or None when it is not a special token."""
         return self.special_tokens.get(EOT)
 
+    @property
+    def unk_id(self) -> int | None:
+        """Id that stands for text outside the vocabulary; None for a lossless tokenizer (byte-level BPE)."""
+        return None
+
+    @property
+    def eol_id(self) -> int | None:
+        """Id that ends every line, when the tokenizer has one instead of encoding the newline as text."""
+        return None
+
+    def decode_after(self, context: list[int], ids: list[int]) -> str:
+        """The text `ids` add after `context` (a prompt): decode(context + ids) less decode(context).
+
+        So a continuation is printed as it reads after the prompt: with a word-level tokenizer it
+        starts with the space between the prompt's last word and its first.
+        """
+        return self.decode(list(context) + list(ids))[len(self.decode(context)):]
+
     def encode(self, text: str, *, allowed_special: AllowedSpecial = ()) -> list[int]:
         """Token ids of `text`; special tokens count only if listed in `allowed_special` (or "all")."""
         allowed = self._resolve_allowed(allowed_special)
@@ -98,9 +118,10 @@ class Tokenizer(ABC):
         """`encode` of each text (the per-word cache is shared across the batch)."""
         return [self.encode(text, allowed_special=allowed_special) for text in texts]
 
-    def _document(self, **state: Any) -> dict[str, Any]:
-        """The file's JSON object: `type`, `version` and `vocab_size`, then this tokenizer's `state`."""
-        return {"type": self.kind, "version": FORMAT_VERSION, "vocab_size": self.vocab_size, **state}
+    def _document(self, version: int | None = None, **state: Any) -> dict[str, Any]:
+        """The file's JSON object: `type`, `version` (this type's newest unless given) and `vocab_size`,
+        then this tokenizer's `state`."""
+        return {"type": self.kind, "version": version or self.version, "vocab_size": self.vocab_size, **state}
 
     def _check_rebuilt(self, doc: dict[str, Any], source: str, built_from: str) -> None:
         """Refuse a rebuilt tokenizer whose special token ids or size differ from what its file says."""
@@ -208,9 +229,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if kind not in TOKENIZER_TYPES:
         known = ", ".join(sorted(TOKENIZER_TYPES))
         raise TokenizerError(f"{path}: unknown tokenizer type {kind!r} (known: {known}); {redo}")
-    if version > FORMAT_VERSION:
-        raise TokenizerError(f"{path}: tokenizer file version {version} is newer than this code reads "
-                             f"({FORMAT_VERSION}); upgrade the llm package or {redo}")
+    newest = TOKENIZER_TYPES[kind].version
+    if version > newest:
+        raise TokenizerError(f"{path}: {kind} tokenizer file version {version} is newer than this code reads "
+                             f"({newest}); upgrade the llm package or {redo}")
     if version < 1:
         raise TokenizerError(f"{path}: tokenizer file version {version} is not valid; {redo}")
     return TOKENIZER_TYPES[kind].from_dict(doc, source=str(path))
