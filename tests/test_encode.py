@@ -182,6 +182,20 @@ def test_chunks_of_one_long_line_stay_under_two_chunk_sizes(tmp_path: Path) -> N
     assert sum(sizes) == path.stat().st_size and max(sizes) <= 2 << 16
 
 
+def test_word_level_lines_cut_into_chunks_still_end_with_one_eol_each(tmp_path: Path) -> None:
+    """<eol> ends a line, and the file's last line without a newline; never a chunk cut inside a line."""
+    line = " ".join(f"w{i % 50}" for i in range(3000))  # ~14 KB: seven chunks of 2,000 bytes
+    text = f"{line}\n{line}"
+    tokenizer = SimpleTokenizer.train(text, vocab_size=60)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    raw = write_raw(tmp_path, {"train": text})
+    meta = encode_corpus(raw, tmp_path / "tokenizer.json", tmp_path / "shards", shard_tokens=100_000,
+                         num_workers=1, chunk_bytes=2000)
+    tokens = all_tokens(tmp_path / "shards", "train")
+    assert (tokens == tokenizer.eol_id).sum() == 2 and len(tokens) == 2 * 3000 + 2
+    assert meta["splits"]["train"]["num_words"] == len(text.split()) + 2
+
+
 def test_a_cut_inside_a_line_never_starts_a_document(tmp_path: Path, bpe_file: Path) -> None:
     """A chunk that begins inside a line (` = Bar = ` after a cut) is not a heading line."""
     text = " = First = \n" + "a" * (4000 - 12 - 2) + " = Bar = \nnext line\n"  # reads end at ` =`
