@@ -1,11 +1,15 @@
-# Two entry points for a fresh clone: `make repro` (install + whole pipeline) and
-# `make test` (install + whole test suite). Both are idempotent.
+# Two entry points for a fresh clone, with nothing activated: `make repro` (install + whole
+# pipeline) and `make test` (install + whole test suite). Both are idempotent.
+# VENV names the virtual environment to create or use (`make repro VENV=/path/to/venv`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # A user with a GPU gets the CUDA build torch's index picks; CI pre-installs the CPU build.
 TORCH ?= torch>=2.4
 export DVC_NO_ANALYTICS := 1
+# DVC runs each stage as `python stages/<name>.py` with the PATH it was given: the venv's bin
+# first on PATH makes that `python` the venv's, as `source $(VENV)/bin/activate` would.
+ACTIVATED := PATH="$(abspath $(VENV))/bin:$$PATH" VIRTUAL_ENV="$(abspath $(VENV))"
 
 .PHONY: install repro test lint bench clean-venv
 
@@ -19,10 +23,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 repro: install
-	$(VENV)/bin/dvc repro
+	$(ACTIVATED) $(VENV)/bin/dvc repro
 
 test: install
-	$(PY) -m pytest -q
+	$(ACTIVATED) $(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check .

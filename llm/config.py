@@ -23,13 +23,30 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
 
 from llm.errors import ConfigError
+from llm.io import utf8_error
 
 WIKITEXT_DATASETS = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
 DATASETS = WIKITEXT_DATASETS + ("text_files", "url")
+SPLITS = ("train", "valid", "test")  # data/raw/<split>.txt, data/shards/<split>/, eval.splits
+DEVICES = ("auto", "cuda", "mps", "cpu")  # runtime.device, `llm generate --device`
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # runtime.precision
+SPECIAL_TOKENS_RULE = "must be distinct, non-empty strings"
+# Upper bounds of sizes: far above any run this code is meant for, low enough that a typo (an extra
+# zero or three) is one clear line here instead of an allocation failure or an hour of swapping.
+MAX_SEED = 2**63 - 1          # torch.manual_seed takes at most 64-bit seeds
+MAX_VOCAB = 1 << 20           # 1,048,576 ids (BPE ids live in str characters: at most 0x10FFFF)
+MAX_WIDTH = 1 << 16           # model.d_model
+MAX_TOKENS = 1 << 20          # context length, tokens generated per sample, sequences per batch
+
+
+def special_tokens_valid(tokens: list) -> bool:
+    """Special tokens must be distinct, non-empty strings: in params.yaml and in a tokenizer alike."""
+    return all(isinstance(token, str) and token for token in tokens) and len(set(tokens)) == len(tokens)
 
 
 def _knob(default: Any, *, choices: tuple | None = None, low: float | None = None,
@@ -55,7 +72,9 @@ class DataConfig:
                                 doc="share of text_files/url text held out for validation (the end)")
     test_fraction: float = _knob(0.1, low=0.0, high=0.5, low_open=True,
                                  doc="share held out for test (just before validation)")
-    seed: int = _knob(1337, low=0, doc="seed of the by-file split of text_files")
+    seed: int = _knob(1337, low=0, high=MAX_SEED, doc="seed of the by-file split of text_files")
+    max_bytes: int = _knob(10**10, low=1, doc="largest download, and largest text after decompression, "
+                           "in bytes (a guard against endless responses and archive bombs)")
 
 
 @dataclass
@@ -63,7 +82,7 @@ class TokenizerConfig:
     """`tokenizer`: which tokenizer to fit on data/raw/train.txt (fit_tokenizer stage)."""
 
     tokenizer_type: str = _knob("bpe", choices=("bpe", "simple"), doc="byte-level BPE or word-level")
-    vocab_size: int = _knob(10000, low=8, high=2**31 - 1, doc="vocabulary size, special tokens included")
+    vocab_size: int = _knob(10000, low=8, high=MAX_VOCAB, doc="vocabulary size, special tokens included")
     min_frequency: int = _knob(2, low=1, doc="a merge / word must occur at least this often")
     pattern: str = _knob("gpt4", doc="BPE pre-tokenization regex: `gpt2`, `gpt4` or a regex")
     special_tokens: list[str] = _knob(["<|endoftext|>"], doc="special tokens, never produced by merges")
@@ -75,20 +94,20 @@ class TokenizerConfig:
 class EncodeConfig:
     """`encode`: how token shards are written (encode stage)."""
 
-    shard_tokens: int = _knob(16_777_216, low=1024, doc="maximum tokens per .npy shard")
+    shard_tokens: int = _knob(16_777_216, low=1024, high=1 << 30, doc="maximum tokens per .npy shard")
 
 
 @dataclass
 class ModelConfig:
     """`model`: the GPT's shape. vocab_size comes from the tokenizer, not params.yaml."""
 
-    vocab_size: int = _knob(10000, low=1, doc="set from the tokenizer by the train stage")
+    vocab_size: int = _knob(10000, low=1, high=MAX_VOCAB, doc="set from the tokenizer by the train stage")
     model_type: str = _knob("gpt", choices=("gpt",), doc="model family")
-    d_model: int = _knob(512, low=1, doc="embedding width")
-    num_heads: int = _knob(8, low=1, doc="attention heads (must divide d_model)")
-    num_layers: int = _knob(6, low=1, doc="transformer blocks")
-    d_ff: int = _knob(2048, low=1, doc="feed-forward hidden width")
-    max_seq_length: int = _knob(512, low=2, doc="context length in tokens")
+    d_model: int = _knob(512, low=1, high=MAX_WIDTH, doc="embedding width")
+    num_heads: int = _knob(8, low=1, high=1024, doc="attention heads (must divide d_model)")
+    num_layers: int = _knob(6, low=1, high=1024, doc="transformer blocks")
+    d_ff: int = _knob(2048, low=1, high=4 * MAX_WIDTH, doc="feed-forward hidden width")
+    max_seq_length: int = _knob(512, low=2, high=MAX_TOKENS, doc="context length in tokens")
     dropout: float = _knob(0.1, low=0.0, high=1.0, doc="dropout probability")
     position: str = _knob("rope", choices=("learned", "sinusoidal", "rope"), doc="positional encoding")
     norm: str = _knob("layernorm", choices=("layernorm", "rmsnorm"), doc="normalisation layer")
@@ -101,7 +120,7 @@ class ModelConfig:
 class TrainConfig:
     """`train`: optimisation (train stage)."""
 
-    batch_size: int = _knob(32, low=1, doc="sequences per optimizer step, summed over ranks")
+    batch_size: int = _knob(32, low=1, high=MAX_TOKENS, doc="sequences per optimizer step, summed over ranks")
     optimizer: str = _knob("muon", choices=("muon", "adamw"),
                            doc="muon: Muon on hidden matrices, AdamW on the rest; adamw: AdamW on all")
     learning_rate: float = _knob(3e-4, low=0.0, high=1.0, low_open=True,
@@ -121,7 +140,7 @@ class TrainConfig:
     eval_interval: int = _knob(500, low=1, doc="evaluate on validation every N steps")
     eval_batches: int = _knob(0, low=0, doc="validation batches per evaluation (0: whole split)")
     checkpoint_interval: int = _knob(500, low=1, doc="write checkpoints/last.pt every N steps")
-    seed: int = _knob(1337, low=0, doc="seed of init, dropout and data order")
+    seed: int = _knob(1337, low=0, high=MAX_SEED, doc="seed of init, dropout and data order")
     resume: str = _knob("", doc="start from this checkpoint (e.g. checkpoints/best_model.pt)")
 
 
@@ -130,37 +149,38 @@ class EvalConfig:
     """`eval`: how the evaluate stage scores the model."""
 
     stride: int = _knob(0, low=0, doc="sliding-window stride in tokens (0: the context length)")
-    batch_size: int = _knob(8, low=1, doc="windows per evaluation batch")
+    batch_size: int = _knob(8, low=1, high=MAX_TOKENS, doc="windows per evaluation batch")
     splits: list[str] = _knob(["valid", "test"], doc="splits to evaluate")
 
 
 @dataclass
 class GenerateConfig:
-    """`generate`: the samples written by the evaluate stage (and `llm generate` defaults)."""
+    """`generate`: the samples stage's reports/samples.txt (and `llm generate` defaults)."""
 
     prompt: str = _knob("Once upon a time", doc="text to continue")
-    max_length: int = _knob(100, low=1, doc="new tokens per sample")
+    max_length: int = _knob(100, low=1, high=MAX_TOKENS, doc="new tokens per sample")
     temperature: float = _knob(1.0, low=0.0, doc="sampling temperature (0: greedy)")
     top_k: int = _knob(0, low=0, doc="keep the k most likely tokens (0: all)")
     top_p: float = _knob(1.0, low=0.0, high=1.0, low_open=True, doc="nucleus sampling mass (1: off)")
-    num_samples: int = _knob(3, low=1, doc="samples written to reports/samples.txt")
-    seed: int = _knob(1337, low=0, doc="sampling seed")
+    num_samples: int = _knob(3, low=1, high=10_000, doc="samples written to reports/samples.txt")
+    seed: int = _knob(1337, low=0, high=MAX_SEED, doc="sampling seed")
 
 
 @dataclass
 class RuntimeConfig:
     """`runtime`: knobs that do not change results; no stage declares them."""
 
-    device: str = _knob("auto", choices=("auto", "cuda", "mps", "cpu"), doc="where to train and evaluate")
-    precision: str = _knob("auto", choices=("auto", "fp32", "bf16", "fp16"),
+    device: str = _knob("auto", choices=DEVICES, doc="where to train and evaluate")
+    precision: str = _knob("auto", choices=PRECISIONS,
                            doc="autocast precision; auto: bf16 on GPUs with it and on CPUs with native bf16 "
                                "(AMX, AVX512-BF16) from d_model 128, else fp32")
-    threads: int = _knob(0, low=0, doc="CPU threads; 0 = auto: 1 for models under 10M parameters (much "
-                                       "faster on a small or shared CPU), else all cores")
+    threads: int = _knob(0, low=0, high=1024, doc="CPU threads; 0 = auto: 1 for models under 10M parameters "
+                                                  "(much faster on a small or shared CPU), else all cores")
     compile: bool = _knob(False, doc="torch.compile the model")
-    num_workers: int = _knob(0, low=0, doc="encode processes (0: all cores)")
+    num_workers: int = _knob(0, low=0, high=1024, doc="encode processes (0: all cores)")
     log_interval: int = _knob(10, low=1, doc="log training metrics every N steps")
-    nproc_per_node: int = _knob(1, low=1, doc="training processes (GPUs) on this machine, via torchrun")
+    nproc_per_node: int = _knob(1, low=1, high=1024,
+                                doc="training processes (GPUs) on this machine, via torchrun")
     progress: bool = _knob(True, doc="show progress bars")
 
 
@@ -189,6 +209,17 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, so that an error about a huge value stays a readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _name(key: Any) -> str:
+    """A params.yaml key as written, or its repr when that would not print as one short line."""
+    return key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 40 else _show(key, 40)
+
+
 def _type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     return names.get(tp, "a list of strings")
@@ -205,11 +236,15 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
     if ok is None:  # list[str]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
-        raise ConfigError(f"{where} = {value!r}: must be {_type_name(tp)}")
+        raise ConfigError(f"{where} = {_show(value)}: must be {_type_name(tp)}")
     if tp is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{where} = {value!r}: must be a finite number")
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} = {_show(value)}: must be a finite number")
+        value = number
     return value
 
 
@@ -217,13 +252,13 @@ def _check_range(where: str, value: Any, meta: dict) -> None:
     choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
     if choices is not None and value not in choices:
         hint = _suggest(str(value), [str(c) for c in choices])
-        raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(choices)}{hint}")
+        raise ConfigError(f"{where} = {_show(value)}: must be one of {', '.join(choices)}{hint}")
     if low is not None and (value < low or (meta.get("low_open") and value == low)):
         bound = f"> {low}" if meta.get("low_open") else f">= {low}"
         span = f" and <= {high}" if high is not None else ""
-        raise ConfigError(f"{where} = {value!r}: must be {bound}{span}")
+        raise ConfigError(f"{where} = {_show(value)}: must be {bound}{span}")
     if high is not None and value > high:
-        raise ConfigError(f"{where} = {value!r}: must be <= {high}")
+        raise ConfigError(f"{where} = {_show(value)}: must be <= {high}")
 
 
 def build_section(cls: type, raw: Any, *, source: str = "params.yaml", section: str = "") -> Any:
@@ -232,28 +267,34 @@ def build_section(cls: type, raw: Any, *, source: str = "params.yaml", section: 
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: section {name!r} must be a mapping of key: value, got {raw!r}")
-    hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+        raise ConfigError(f"{source}: section {name!r} must be a mapping of key: value, got {_show(raw)}")
+    known = [f.name for f in fields(cls)]
     values = {}
     for key, value in raw.items():
-        where = f"{source}: {name}.{key}"
+        where = f"{source}: {name}.{_name(key)}"
         if key not in known:
             settable = [k for k in known if (section, k) not in DERIVED_KEYS]
             raise ConfigError(f"{where}: unknown key{_suggest(str(key), settable)}; "
                               f"allowed keys: {', '.join(settable)}")
         if (section, key) in DERIVED_KEYS:
             raise ConfigError(f"{where}: not a params.yaml key: {DERIVED_KEYS[(section, key)]}")
-        value = _coerce(where, value, hints[key])
-        _check_range(where, value, dict(known[key].metadata))
-        values[key] = value
+        values[key] = check_value(cls, key, value, where)
     return cls(**values)
+
+
+def check_value(cls: type, key: str, value: Any, where: str) -> Any:
+    """`value` checked against the type and allowed values of field `key` of the section dataclass `cls`
+    (ints are accepted where floats are); ConfigError names `where` (a params.yaml key, a CLI flag)."""
+    spec = next(f for f in fields(cls) if f.name == key)
+    value = _coerce(where, value, get_type_hints(cls)[key])
+    _check_range(where, value, dict(spec.metadata))
+    return value
 
 
 def _check_consistency(p: Params, source: str) -> None:
     """Cross-key rules that no single field can express."""
     def fail(key: str, value: Any, why: str) -> None:
-        raise ConfigError(f"{source}: {key} = {value!r}: {why}")
+        raise ConfigError(f"{source}: {key} = {_show(value)}: {why}")
 
     m, t, d = p.model, p.train, p.data
     check_model_config(m, source)
@@ -268,8 +309,8 @@ def _check_consistency(p: Params, source: str) -> None:
     if d.dataset == "text_files" and not d.text_files_dir:
         fail("data.text_files_dir", d.text_files_dir,
              "must name a folder of *.txt files when data.dataset is text_files")
-    if d.dataset == "url" and not d.url.startswith(("http://", "https://")):
-        fail("data.url", d.url, "must be an http(s) URL when data.dataset is url")
+    if d.dataset == "url" and _url_problem(d.url):
+        fail("data.url", d.url, _url_problem(d.url))
     if d.members and len(d.members) != 3:
         fail("data.members", d.members, "must list exactly 3 archive members: [train, valid, test]")
     if d.sha256 and (len(d.sha256) != 64 or any(c not in "0123456789abcdef" for c in d.sha256.lower())):
@@ -278,14 +319,28 @@ def _check_consistency(p: Params, source: str) -> None:
     if tk.tokenizer_type == "bpe" and tk.vocab_size < 256 + len(tk.special_tokens):
         fail("tokenizer.vocab_size", tk.vocab_size, f"a byte-level BPE needs at least 256 + "
              f"{len(tk.special_tokens)} special tokens = {256 + len(tk.special_tokens)}")
-    if len(set(tk.special_tokens)) != len(tk.special_tokens) or "" in tk.special_tokens:
-        fail("tokenizer.special_tokens", tk.special_tokens, "must be distinct, non-empty strings")
+    if not special_tokens_valid(tk.special_tokens):
+        fail("tokenizer.special_tokens", tk.special_tokens, SPECIAL_TOKENS_RULE)
     if p.eval.stride > m.max_seq_length:
         fail("eval.stride", p.eval.stride, f"must be <= model.max_seq_length ({m.max_seq_length}); "
              "0 means non-overlapping windows")
     for split in p.eval.splits:
-        if split not in ("train", "valid", "test"):
-            fail("eval.splits", p.eval.splits, f"{split!r} is not a split; use train, valid, test")
+        if split not in SPLITS:
+            fail("eval.splits", p.eval.splits, f"{split!r} is not a split; use {', '.join(SPLITS)}")
+
+
+def _url_problem(url: str) -> str:
+    """What is wrong with data.url as a download address, or ''."""
+    if not url.startswith(("http://", "https://")):
+        return "must be an http(s) URL when data.dataset is url"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port is the check: 'http://h:x/' raises here)
+    except ValueError as exc:
+        return f"not a valid URL ({exc}); check its brackets, host and port"
+    if not parts.hostname:
+        return "names no host; write it as http(s)://host/path"
+    return ""
 
 
 def check_model_config(m: ModelConfig, source: str = "params.yaml") -> None:
@@ -304,6 +359,18 @@ def check_model_config(m: ModelConfig, source: str = "params.yaml") -> None:
                           f" = {m.d_model // m.num_heads}; change num_heads or use position: learned")
 
 
+def model_config_from_dict(raw: Any, *, source: str) -> ModelConfig:
+    """The ModelConfig stored in a model file (vocab_size included; unknown keys of newer code ignored),
+    checked field by field like params.yaml's `model` section; ConfigError names `source`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: model_config = {_show(raw)}: must be a mapping of key: value")
+    known = {spec.name for spec in fields(ModelConfig)}
+    config = build_section(ModelConfig, {k: v for k, v in raw.items() if k in known}, source=source,
+                           section="model_config")
+    check_model_config(config, source)
+    return config
+
+
 def params_from_dict(raw: Any, *, source: str = "params.yaml") -> Params:
     """Validate a parsed params.yaml mapping; missing sections and keys take defaults."""
     if raw is None:
@@ -313,7 +380,7 @@ def params_from_dict(raw: Any, *, source: str = "params.yaml") -> Params:
     built = {}
     for key, value in raw.items():
         if key not in SECTIONS:
-            raise ConfigError(f"{source}: {key}: unknown section{_suggest(str(key), list(SECTIONS))}; "
+            raise ConfigError(f"{source}: {_name(key)}: unknown section{_suggest(str(key), list(SECTIONS))}; "
                               f"allowed sections: {', '.join(SECTIONS)}")
         built[key] = build_section(SECTIONS[key], value, source=source, section=key)
     params = Params(**built)
@@ -330,20 +397,36 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789"))
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    """Read and validate params.yaml (a missing file is an error: the stages need it)."""
+def load_params(path: str | os.PathLike = "params.yaml", *, sections: tuple[str, ...] = ()) -> Params:
+    """Read and validate params.yaml (a missing file is an error: the stages need it).
+
+    `sections` are the ones the calling stage declares in dvc.yaml: each must be present, as `dvc repro`
+    refuses to run the stage without it, so that the script run by hand and DVC agree.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the project root (where params.yaml is)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(utf8_error(str(path), exc))) from None
+    except OSError as exc:  # a folder, no permission
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror}); it must be a readable YAML file"
+                          ) from None
     try:
         raw = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    return params_from_dict(raw, source=str(path))
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be params.yaml") from None
+    params = params_from_dict(raw, source=str(path))
+    for name in sections:
+        if name not in (raw or {}):
+            raise ConfigError(f"{path}: section {name!r} is missing; this stage reads it and `dvc repro` "
+                              f"stops without it: add `{name}:` (keys left out take their defaults)")
+    return params
 
 
 def section_dict(section: Any) -> dict[str, Any]:

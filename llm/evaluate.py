@@ -1,10 +1,10 @@
 """Held-out metrics over whole splits: loss, perplexity, bits per byte and word-level perplexity.
 
 Every token after the first of a split is scored exactly once (the first has nothing to be predicted
-from), so a split of N tokens yields N - 1 scored tokens. Per-token numbers (`loss`, `ppl`) divide the
-summed negative log-likelihood by those N - 1 tokens. The normalised numbers (`bpb`, `word_ppl`) divide
-the same sum by ALL the split's UTF-8 bytes / words, as papers do; leaving out the first token's
-prediction biases them down by about one token in N, which is negligible for any real split.
+from), so a split of N tokens yields N - 1 scored tokens, and `loss` is the summed negative
+log-likelihood over those N - 1. `ppl` is exp(loss); `bpb` and `word_ppl` turn the same mean loss into
+bits per UTF-8 byte and perplexity per word with the split's tokens per byte and per word
+(`TokenShards.bits_per_byte`, the definition training's `val_bpb` uses too).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llm.config import GenerateConfig
-from llm.errors import DataError
-from llm.generate import decode_continuation, generate, sampling_options, token_tensor
+from llm.errors import CheckpointError, DataError
 from llm.shards import TokenShards, read_meta
 
 
@@ -94,22 +92,46 @@ def evaluate_split(model: torch.nn.Module, shards: TokenShards, *, window: int, 
     return totals[0].item(), int(totals[1].item())
 
 
-def split_metrics(split: str, total_nats: float, scored_tokens: int, num_bytes: int,
-                  num_words: int) -> dict[str, float | int]:
+def split_metrics(shards: TokenShards, total_nats: float, scored_tokens: int) -> dict[str, float | int]:
     """The four comparable numbers of one split, keyed `<split>_loss`, `_ppl`, `_bpb`, `_word_ppl`."""
-    loss = total_nats / scored_tokens
+    loss, split = total_nats / scored_tokens, shards.split
     return {
         f"{split}_loss": loss,
         f"{split}_ppl": math.exp(loss),
-        f"{split}_bpb": total_nats / (math.log(2) * num_bytes),
-        f"{split}_word_ppl": math.exp(total_nats / num_words),
+        f"{split}_bpb": shards.bits_per_byte(loss),
+        f"{split}_word_ppl": shards.word_perplexity(loss),
         f"{split}_tokens": scored_tokens,
     }
 
 
+def token_count(shards: TokenShards, token_id: int | None, block: int = 1 << 22) -> int:
+    """How often `token_id` occurs in the split (0 for None), read `block` tokens at a time."""
+    if token_id is None:
+        return 0
+    return sum(int(np.count_nonzero(shards.read(start, min(block, len(shards) - start)) == token_id))
+               for start in range(0, len(shards), block))
+
+
+def unk_notes(metrics: dict[str, float | int]) -> list[str]:
+    """One line per split whose text the tokenizer could not fully represent (`<split>_unk_rate` > 0):
+    its bpb and word_ppl score `<unk>` in place of the words, so they are not comparable with a
+    lossless tokenizer's."""
+    notes = []
+    for key, rate in metrics.items():
+        if key.endswith("_unk_rate") and rate > 0:
+            split = key[:-len("_unk_rate")]
+            notes.append(f"note: {rate:.1%} of the {split} tokens are <unk>: {split}_bpb and "
+                         f"{split}_word_ppl score <unk> instead of the words it replaced, so they are not "
+                         "comparable with a lossless tokenizer's (bpe); compare them between runs of one "
+                         "word-level vocabulary (on WikiText's tokenized release, whose text holds <unk>, "
+                         f"{split}_word_ppl is the number papers report)")
+    return notes
+
+
 def evaluate_splits(model: torch.nn.Module, shards_dir: str | os.PathLike, splits: list[str], *,
                     stride: int = 0, batch_size: int = 8, progress: bool = False) -> dict[str, float | int]:
-    """Flat metrics (`valid_loss`, `valid_ppl`, ..., `valid_tokens`, `test_loss`, ...) for each split."""
+    """Flat metrics (`valid_loss`, `valid_ppl`, ..., `valid_tokens`, `valid_unk_rate`, `test_loss`, ...) for
+    each split; `<split>_unk_rate` is the share of the split's tokens that are `<unk>` (0 for BPE)."""
     meta = read_meta(shards_dir)
     metrics: dict[str, float | int] = {}
     for split in splits:
@@ -119,25 +141,17 @@ def evaluate_splits(model: torch.nn.Module, shards_dir: str | os.PathLike, split
         shards = TokenShards(shards_dir, split)
         nats, scored = evaluate_split(model, shards, window=model.config.max_seq_length, stride=stride,
                                       batch_size=batch_size, progress=progress)
-        metrics.update(split_metrics(split, nats, scored, shards.num_bytes, shards.num_words))
+        metrics.update(split_metrics(shards, nats, scored))
+        metrics[f"{split}_unk_rate"] = token_count(shards, meta.get("unk_id")) / len(shards)
     return metrics
 
 
-def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateConfig,
-                   checkpoint_step: Any = None) -> str:
-    """`settings.num_samples` seeded continuations of `settings.prompt`, headed by the settings used."""
-    device = next(model.parameters()).device
-    top_k, top_p = sampling_options(settings.top_k, settings.top_p)
-    prompt_ids = tokenizer.encode(settings.prompt)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    rows = generate(model, token_tensor(prompt_ids, settings.num_samples, device), settings.max_length,
-                    temperature=settings.temperature, top_k=top_k, top_p=top_p, generator=generator,
-                    eot_id=tokenizer.eot_id)
-    header = [f"prompt: {settings.prompt!r}", f"max_length: {settings.max_length}",
-              f"temperature: {settings.temperature}", f"top_k: {settings.top_k}", f"top_p: {settings.top_p}",
-              f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}", ""]
-    body = []
-    for number, row in enumerate(rows.tolist(), start=1):
-        text = decode_continuation(tokenizer, row[len(prompt_ids):], tokenizer.eot_id)
-        body += [f"=== sample {number} ===", settings.prompt + text, ""]
-    return "\n".join(header + body)
+def check_same_tokenizer(payload: dict[str, Any], model_path: str | os.PathLike, meta: dict[str, Any],
+                         shards_dir: str | os.PathLike) -> None:
+    """Refuse to score shards encoded by another tokenizer than the model was trained on: its ids would
+    mean other text, and every metric would be silently wrong."""
+    trained, encoded = payload.get("tokenizer_sha256"), meta.get("tokenizer_sha256")
+    if trained is not None and trained != encoded:
+        raise CheckpointError(f"{model_path}: trained with tokenizer {str(trained)[:12]}..., but "
+                              f"{Path(shards_dir) / 'meta.json'} was encoded with {str(encoded)[:12]}...; "
+                              "re-run the pipeline (`dvc repro`) so model and shards come from one run")

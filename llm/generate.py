@@ -1,5 +1,8 @@
 """Autoregressive sampling from the GPT: temperature, top-k, top-p, end-of-text stopping, KV cache.
 
+`generate` samples token ids; `samples_report` is the samples stage's reports/samples.txt, and
+`llm generate` streams the same sampling to a terminal.
+
 With the cache the prompt is run once (prefill) and every later step feeds only the newest token, so a
 step costs one token's worth of compute instead of a forward pass over the whole context.
 
@@ -25,20 +28,18 @@ from typing import Any
 
 import torch
 
+from llm.config import GenerateConfig, check_value
 from llm.errors import CheckpointError, ConfigError
 from llm.io import sha256_file
 
 
 def _check_settings(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Reject sampling settings that have no meaning, naming the parameter and the allowed range."""
+    """Reject sampling settings that have no meaning, by the ranges of the `generate` params section."""
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 0:
-        raise ConfigError(f"top_k = {top_k}: must be >= 0 (0 = off)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p = {top_p}: must be in (0, 1] (1 = off)")
+    for key, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if value is not None:
+            check_value(GenerateConfig, key, value, key)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -63,6 +64,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     """One token per row from (B, V) logits: argmax when temperature is 0, else a filtered draw."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    # Minus the best logit (softmax is unchanged), a tiny temperature sends the others to -inf instead of
+    # every logit to +-inf: 1e-40 then samples the argmax rather than failing on NaN probabilities.
+    logits = logits.float() - logits.float().amax(dim=-1, keepdim=True)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -160,11 +164,12 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int = 20
     return sequence[:, :length]
 
 
-def decode_continuation(tokenizer: Any, row: list[int], eot_id: int | None) -> str:
-    """Text of generated token ids, cut at the first end-of-text token (which is not shown)."""
+def decode_continuation(tokenizer: Any, prompt_ids: list[int], row: list[int], eot_id: int | None) -> str:
+    """Text of generated token ids as it reads after the prompt (`Tokenizer.decode_after`), cut at the
+    first end-of-text token (which is not shown)."""
     if eot_id is not None and eot_id in row:
         row = row[:row.index(eot_id)]
-    return tokenizer.decode(row)
+    return tokenizer.decode_after(prompt_ids, row)
 
 
 def check_tokenizer_matches(tokenizer_path: str | os.PathLike, payload: dict[str, Any],
@@ -192,3 +197,27 @@ def token_tensor(ids: list[int], batch_size: int, device: torch.device) -> torch
     if not ids:
         raise ConfigError("prompt: encodes to no tokens; give a non-empty prompt")
     return torch.tensor([ids] * batch_size, dtype=torch.long, device=device)
+
+
+def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateConfig,
+                   checkpoint_step: Any = None) -> str:
+    """`settings.num_samples` seeded continuations of `settings.prompt`, headed by the settings used.
+
+    Drawn one after another from one generator, as `llm generate` draws them, so that `llm generate`
+    with the same settings (its defaults are params.yaml's `generate` section) prints these samples.
+    """
+    device = next(model.parameters()).device
+    top_k, top_p = sampling_options(settings.top_k, settings.top_p)
+    prompt_ids = tokenizer.encode(settings.prompt)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    rows = [generate(model, token_tensor(prompt_ids, 1, device), settings.max_length,
+                     temperature=settings.temperature, top_k=top_k, top_p=top_p, generator=generator,
+                     eot_id=tokenizer.eot_id)[0] for _ in range(settings.num_samples)]
+    header = [f"prompt: {settings.prompt!r}", f"max_length: {settings.max_length}",
+              f"temperature: {settings.temperature}", f"top_k: {settings.top_k}", f"top_p: {settings.top_p}",
+              f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}", ""]
+    body = []
+    for number, row in enumerate(rows, start=1):
+        text = decode_continuation(tokenizer, prompt_ids, row[len(prompt_ids):].tolist(), tokenizer.eot_id)
+        body += [f"=== sample {number} ===", settings.prompt + text, ""]
+    return "\n".join(header + body)

@@ -9,10 +9,9 @@ import re
 
 import torch
 
+from llm.config import DEVICES, PRECISIONS
 from llm.errors import ConfigError
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # precision: auto on a CPU with native bf16 (AMX or AVX512-BF16) picks bf16 from this d_model up. Measured

@@ -8,6 +8,7 @@ so the dvc.yaml command stays the same for one process or many.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,4 +29,22 @@ def relaunch_under_torchrun(nproc_per_node: int, script: str) -> int | None:
         return None
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc_per_node}", script]
-    return subprocess.call(command)
+    return run_to_the_end(command)
+
+
+def run_to_the_end(command: list[str]) -> int:
+    """Run `command` and return its exit code, even when this process is signalled meanwhile.
+
+    Ctrl-C reaches every process of the terminal's group, so the workers see it themselves: they
+    finish their step, save checkpoints/last.pt and exit, and their status is ours. SIGTERM (sent
+    to this process alone, as by a scheduler) is passed on to torchrun, which passes it on to them.
+    """
+    process = subprocess.Popen(command)
+    handlers = {signal.SIGINT: lambda signum, frame: None,
+                signal.SIGTERM: lambda signum, frame: process.send_signal(signum)}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

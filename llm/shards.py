@@ -1,239 +1,32 @@
-"""Token shards: encode raw splits into bounded `.npy` shards, read them back, and batch them.
+"""Token shards as train and evaluate read them: memory-mapped splits, training-window order, batches.
 
-Writing (the encode stage): each split `<raw_dir>/<split>.txt` is streamed in chunks of
-about `CHUNK_BYTES` cut after a newline (the cuts depend only on the text), encoded in a
-pool of worker processes (`imap`, ordered) and appended to `<split>/shard_NNNNN.npy`
-files of at most `shard_tokens` tokens, so peak memory does not grow with the corpus
-(a line is never cut: a chunk holds at least one whole line).
+The format (written by llm.encode, the encode stage): `<shards_dir>/<split>/shard_NNNNN.npy`,
+one-dimensional arrays of token ids (uint16 when the vocabulary fits, else uint32) that
+concatenate to the split, and `<shards_dir>/meta.json`: the format version, the tokenizer's
+sha256, type and vocab_size, the end-of-text and unknown-word ids (null when there is none),
+the dtype, and per split its token count, UTF-8 bytes, words (whitespace words plus one per
+line) and lines, and its shard files.
 
-Documents: a WikiText article starts at a top-level heading line ``^ = [^=].* = $``.
-The end-of-text token (when the tokenizer has one; else nothing separates documents) is
-emitted before every such heading except the first one of the file; text before the first
-heading belongs to the first document, a text without headings is one document, and
-nothing is appended at the end.
-Each document, and each chunk, is encoded separately, so a run of newlines cut by a
-chunk boundary is encoded as two runs: deterministic, whatever the worker count.
-
-Reading (train / evaluate): :class:`TokenShards` memory-maps one split as one sequence,
-:class:`WindowSampler` orders training windows as a pure function of (seed, epoch, step),
-and :func:`get_batch` turns window starts into `(x, y)` tensors.
+:class:`TokenShards` memory-maps one split as one sequence, :class:`WindowSampler` orders
+training windows as a pure function of (seed, epoch, step), and :func:`get_batch` turns window
+starts into `(x, y)` tensors.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from multiprocessing.pool import Pool
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
 from llm.errors import DataError
-from llm.io import sha256_file
 
-if TYPE_CHECKING:  # torch is imported lazily so encode workers stay small (~200 MB RSS each otherwise)
+if TYPE_CHECKING:  # torch is imported lazily: the encode stage's workers import this module too
     import torch
 
-    from llm.tokenizers import Tokenizer
-
-FORMAT_VERSION = 1
-SPLITS = ("train", "valid", "test")
-CHUNK_BYTES = 2 << 20
-UINT16_VOCAB_LIMIT = 1 << 16
-# A top-level heading line, preceded by a newline (the literal prefix makes the scan fast).
-_HEADING = re.compile(rb"\n( = [^=\n][^\n]* = )$", re.MULTILINE)
-_worker_tokenizer = None
-
-
-def token_dtype(vocab_size: int) -> str:
-    """Smallest unsigned dtype that holds every token id: uint16 when vocab_size <= 65536."""
-    return "uint16" if vocab_size <= UINT16_VOCAB_LIMIT else "uint32"
-
-
-class _Chunk(NamedTuple):
-    """A piece of a split file cut after a newline, with the offsets where documents start."""
-
-    path: str
-    offset: int                  # byte offset of `data` in the file (for error messages)
-    data: bytes
-    doc_starts: tuple[int, ...]  # positions in `data` that get an end-of-text token before them
-
-
-def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) pieces of about chunk_bytes, each ending after a newline (or at EOF)."""
-    offset, carry = 0, b""
-    with open(path, "rb") as f:
-        while data := f.read(chunk_bytes):
-            buffer = carry + data
-            cut = buffer.rfind(b"\n") + 1
-            if cut == 0:  # a line longer than the chunk: keep reading until it ends
-                carry = buffer
-                continue
-            yield offset, buffer[:cut]
-            offset, carry = offset + cut, buffer[cut:]
-    if carry:
-        yield offset, carry
-
-
-def heading_starts(data: bytes) -> list[int]:
-    """Byte positions of the top-level heading lines (`` = Title = ``) in a text cut on lines."""
-    return [match.start(1) - 1 for match in _HEADING.finditer(b"\n" + data)]
-
-
-def _chunks(path: Path, chunk_bytes: int) -> Iterator[_Chunk]:
-    """The split as chunks; documents start at every heading but the file's first one."""
-    seen_heading = False
-    for offset, data in _line_chunks(path, chunk_bytes):
-        starts = heading_starts(data)
-        if starts and not seen_heading:
-            starts, seen_heading = starts[1:], True
-        yield _Chunk(str(path), offset, data, tuple(starts))
-
-
-def _load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer at `path`, imported here so that readers of shards need no tokenizer code."""
-    from llm.tokenizers import load_tokenizer
-
-    return load_tokenizer(path)
-
-
-def _init_worker(tokenizer_path: str) -> None:
-    """Pool initializer: load the tokenizer once per worker process."""
-    global _worker_tokenizer
-    _worker_tokenizer = _load_tokenizer(tokenizer_path)
-
-
-def _decode(data: bytes, path: str, offset: int) -> str:
-    """UTF-8 text of `data`; DataError naming the file and byte offset when it is not UTF-8."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 at byte {offset + exc.start}; "
-                        "re-save the file as UTF-8") from None
-
-
-def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, int, int, int]:
-    """Worker: (token ids, whitespace words, newlines, bytes) of one chunk."""
-    tok = _worker_tokenizer
-    bounds = sorted({0, *chunk.doc_starts, len(chunk.data)})
-    ids: list[int] = []
-    words = 0
-    for begin, end in zip(bounds, bounds[1:]):
-        if begin in chunk.doc_starts and tok.eot_id is not None:
-            ids.append(tok.eot_id)
-        text = _decode(chunk.data[begin:end], chunk.path, chunk.offset + begin)
-        words += len(text.split())
-        ids.extend(tok.encode(text))
-    tokens = np.array(ids, dtype=token_dtype(tok.vocab_size))
-    return tokens, words, chunk.data.count(b"\n"), len(chunk.data)
-
-
-class _ShardWriter:
-    """Appends tokens to `shard_NNNNN.npy` files of at most `shard_tokens` tokens each."""
-
-    def __init__(self, split_dir: Path, shard_tokens: int, dtype: str) -> None:
-        split_dir.mkdir(parents=True)
-        self.split_dir, self.buffer, self.fill = split_dir, np.empty(shard_tokens, dtype=dtype), 0
-        self.names: list[str] = []
-        self.num_tokens = 0
-
-    def add(self, tokens: np.ndarray) -> None:
-        """Append tokens, writing each shard as soon as it is full."""
-        while len(tokens):
-            take = min(len(self.buffer) - self.fill, len(tokens))
-            self.buffer[self.fill:self.fill + take] = tokens[:take]
-            self.fill, tokens = self.fill + take, tokens[take:]
-            self.num_tokens += take
-            if self.fill == len(self.buffer):
-                self.flush()
-
-    def flush(self) -> None:
-        """Write the buffered tokens (if any) as the next shard."""
-        if self.fill:
-            name = f"shard_{len(self.names):05d}.npy"
-            np.save(self.split_dir / name, self.buffer[:self.fill])
-            self.names.append(f"{self.split_dir.name}/{name}")
-            self.fill = 0
-
-
-def _encode_split(pool: Pool, path: Path, split_dir: Path, *, shard_tokens: int, dtype: str,
-                  chunk_bytes: int, progress: bool) -> dict:
-    """Stream one split file through the pool into shards; its meta.json entry."""
-    size = path.stat().st_size
-    writer = _ShardWriter(split_dir, shard_tokens, dtype)
-    words = newlines = 0
-    with tqdm(total=size, unit="B", unit_scale=True, desc=f"encode {path.stem}", disable=not progress) as bar:
-        for tokens, chunk_words, chunk_newlines, chunk_bytes_read in pool.imap(
-                _encode_chunk, _chunks(path, chunk_bytes)):
-            writer.add(tokens)
-            words, newlines = words + chunk_words, newlines + chunk_newlines
-            bar.update(chunk_bytes_read)
-    writer.flush()
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        num_lines = newlines + (f.read(1) != b"\n")
-    return {"num_tokens": writer.num_tokens, "num_bytes": size, "num_words": words + num_lines,
-            "num_lines": num_lines, "shards": writer.names}
-
-
-def _check_splits(raw_dir: Path) -> None:
-    """DataError before any work when a split file is missing or empty."""
-    for split in SPLITS:
-        path = raw_dir / f"{split}.txt"
-        if not path.is_file():
-            raise DataError(f"{path}: not found; run `dvc repro download` (or python stages/download.py)")
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: the split is empty; check the data section of params.yaml "
-                            "and re-download")
-
-
-def encode_corpus(raw_dir: str | Path, tokenizer_path: str | Path, shards_dir: str | Path, *,
-                  shard_tokens: int, num_workers: int = 0, progress: bool = False,
-                  chunk_bytes: int = CHUNK_BYTES) -> dict:
-    """Encode `<raw_dir>/{train,valid,test}.txt` into `shards_dir` atomically; returns meta.json's content.
-
-    Everything is built in a `.<name>-tmp-*` directory beside `shards_dir` and renamed into
-    place at the end (the old one is moved in there first); stale temp directories of a killed
-    run are removed first.
-    `num_workers` = 0 uses every core. The output is byte-identical for any worker count.
-    """
-    raw_dir, tokenizer_path, shards_dir = Path(raw_dir), Path(tokenizer_path), Path(shards_dir)
-    if not tokenizer_path.is_file():
-        raise DataError(f"{tokenizer_path}: not found; run `dvc repro fit_tokenizer` "
-                        "(or python stages/fit_tokenizer.py)")
-    _check_splits(raw_dir)
-    tok = _load_tokenizer(tokenizer_path)
-    tmp_prefix = f".{shards_dir.name}-tmp-"
-    shards_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in shards_dir.parent.glob(f"{tmp_prefix}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    dtype = token_dtype(tok.vocab_size)
-    meta = {"format_version": FORMAT_VERSION, "tokenizer_sha256": sha256_file(tokenizer_path),
-            "tokenizer_type": json.loads(tokenizer_path.read_text(encoding="utf-8")).get("type"),
-            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype, "splits": {}}
-    workspace = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=shards_dir.parent))
-    try:
-        build = workspace / shards_dir.name  # made by mkdir, so it gets the usual permissions (not 0700)
-        build.mkdir()
-        with Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker,
-                  initargs=(str(tokenizer_path),)) as pool:
-            for split in SPLITS:
-                meta["splits"][split] = _encode_split(
-                    pool, raw_dir / f"{split}.txt", build / split, shard_tokens=shard_tokens,
-                    dtype=dtype, chunk_bytes=chunk_bytes, progress=progress)
-        (build / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if shards_dir.exists():
-            os.rename(shards_dir, workspace / "old")
-        os.rename(build, shards_dir)
-    finally:
-        shutil.rmtree(workspace, ignore_errors=True)
-    return meta
+FORMAT_VERSION = 2  # 2: meta.json records unk_id
 
 
 def read_meta(shards_dir: str | Path) -> dict:
@@ -251,6 +44,21 @@ def read_meta(shards_dir: str | Path) -> dict:
     return meta
 
 
+def _check_ids(path: Path, array: np.ndarray, vocab_size: object) -> None:
+    """DataError unless `array` is a 1-D array of unsigned token ids below `vocab_size`: an id out of range
+    would otherwise fail deep inside an embedding lookup. One pass over the memory map, at memory speed."""
+    if array.ndim != 1 or array.dtype.kind != "u":
+        raise DataError(f"{path}: holds {array.dtype} values of shape {array.shape}, not a list of token "
+                        "ids; run `dvc repro encode` again")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise DataError(f"{path.parent.parent / 'meta.json'}: vocab_size {vocab_size!r} is not a size; "
+                        "run `dvc repro encode` again")
+    largest = int(array.max()) if len(array) else -1
+    if largest >= vocab_size:
+        raise DataError(f"{path}: holds token id {largest}, but vocab_size is {vocab_size} (meta.json); "
+                        "the shard is corrupt or from another tokenizer: run `dvc repro encode` again")
+
+
 class TokenShards:
     """One split as one token sequence, memory-mapped across its shard files."""
 
@@ -266,6 +74,8 @@ class TokenShards:
         except (OSError, ValueError) as exc:
             raise DataError(f"{shards_dir}: cannot read a {split} shard ({exc}); "
                             "run `dvc repro encode` again") from None
+        for name, array in zip(info["shards"], self._arrays):
+            _check_ids(shards_dir / name, array, meta.get("vocab_size"))
         self._offsets = np.cumsum([0] + [len(a) for a in self._arrays])
         if self._offsets[-1] != info["num_tokens"]:
             raise DataError(f"{shards_dir}: the {split} shards hold {self._offsets[-1]} tokens but meta.json "
@@ -277,6 +87,19 @@ class TokenShards:
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    def bits_per_byte(self, loss: float) -> float:
+        """A mean loss scored on this split (nats per token) in bits per UTF-8 byte of its text.
+
+        The loss times the split's tokens per byte, over ln 2: training's `val_bpb` (a sample of
+        windows) and evaluate's `<split>_bpb` (every token) are both this.
+        """
+        return loss * len(self) / (math.log(2) * self.num_bytes)
+
+    def word_perplexity(self, loss: float) -> float:
+        """A mean loss scored on this split (nats per token) as a perplexity per word of its text
+        (whitespace words plus one per line, the count WikiText papers divide by)."""
+        return math.exp(loss * len(self) / self.num_words)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """An int64 copy of tokens[start:start + length], crossing shard boundaries as needed."""
@@ -296,14 +119,10 @@ class TokenShards:
 class WindowSampler:
     """Training-window order, a pure function of (seed, epoch, step): resuming needs only (epoch, step)."""
 
-    def __init__(self, num_tokens: int, seq_len: int, batch_size: int, seed: int,
-                 mode: str = "epoch") -> None:
-        if mode not in ("epoch", "random"):
-            raise ValueError(f"mode = {mode!r}: must be 'epoch' or 'random'")
+    def __init__(self, num_tokens: int, seq_len: int, batch_size: int, seed: int) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len = {seq_len}, batch_size = {batch_size}: both must be >= 1")
-        self.num_tokens, self.seq_len, self.batch_size = num_tokens, seq_len, batch_size
-        self.seed, self.mode = seed, mode
+        self.num_tokens, self.seq_len, self.batch_size, self.seed = num_tokens, seq_len, batch_size, seed
         self.num_windows = max(num_tokens - 1, 0) // seq_len
         self.steps_per_epoch = self.num_windows // batch_size
         if self.steps_per_epoch == 0:
@@ -316,9 +135,6 @@ class WindowSampler:
         """(batch_size,) int64 token offsets of the windows of global batch `step` of `epoch`."""
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside [0, {self.steps_per_epoch}) steps per epoch")
-        if self.mode == "random":
-            rng = np.random.default_rng([self.seed, epoch, step])
-            return rng.integers(0, self.num_tokens - self.seq_len, size=self.batch_size, dtype=np.int64)
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
             self._perm_epoch = epoch

@@ -1,13 +1,15 @@
 """The training loop: Muon or AdamW, warmup + cosine schedule, accumulation, DDP, checkpoints, exact resume.
 
 Everything a step computes is a function of (params, inputs, step): the data
-order (WindowSampler), the learning rate (`lr_at`) and the dropout RNG, whose
-state is saved in each checkpoint. So on CPU a run killed at any step and
-re-run ends with weights bit-identical to an uninterrupted run.
+order (llm.train_data), the learning rate (`lr_at`) and the dropout RNG, whose
+state is saved in each checkpoint (llm.checkpoint.TrainingCheckpoint). So on CPU
+a run killed at any step and re-run ends with weights bit-identical to an
+uninterrupted run. Where a run starts (checkpoints/last.pt, train.resume or
+scratch) is decided by llm.resume. Ctrl-C (SIGINT) or SIGTERM stops the run
+after its current step, with checkpoints/last.pt written.
 
 Under `torchrun` every rank runs this loop (DDP, gloo on CPU, nccl on CUDA);
-rank r takes the r-th contiguous slice of each global batch, and only rank 0
-writes files or prints.
+only rank 0 writes files or prints.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import contextlib
 import dataclasses
 import math
 import os
-import tempfile
+import signal
+import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -26,19 +30,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from llm.checkpoint import MODEL_FORMAT_VERSION, read_checkpoint, save_model_file, save_training_checkpoint
+from llm.checkpoint import TrainingCheckpoint, model_state, save_model_file
 from llm.config import Params, TrainConfig, section_dict
-from llm.errors import CheckpointError, ConfigError, DataError, LLMError
-from llm.fingerprint import Fingerprint, describe_changes, dict_changes, make_fingerprint
+from llm.errors import CheckpointError, Interrupted, LLMError
+from llm.fingerprint import code_hashes, make_fingerprint
 from llm.hardware import autocast, mfu, resolve_device, resolve_precision, set_threads
-from llm.io import sha256_file, write_json_atomic
+from llm.io import check_outputs, write_json_atomic
+from llm.memory import check_training_fits
 from llm.model import GPT
 from llm.optim import make_optimizer
-from llm.shards import TokenShards, WindowSampler, get_batch, read_meta
-from llm.trainlog import TrainLog
+from llm.resume import Start, load_state, plan_start
+from llm.train_data import TrainData
+from llm.trainlog import TRAIN_LOG, VAL_LOG, TrainLog
 
 LAST = "last.pt"
 BEST = "best_model.pt"
+# Metrics that measure the machine, not the model: kept out of models/model.pt so that identical runs
+# write identical bytes (DVC caches the file by its hash).
+TIMING_METRICS = ("tokens_per_sec", "train_time_s", "mfu")
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -48,12 +57,6 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     decay_steps = total_steps - 1 - cfg.warmup_steps
     progress = 1.0 if decay_steps <= 0 else min((step - cfg.warmup_steps) / decay_steps, 1.0)
     return cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """max_epochs passes over the windows, capped by max_steps when it is set."""
-    steps = cfg.max_epochs * steps_per_epoch
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,27 +92,88 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_writable(folder: Path) -> None:
-    """Fail before training, not after hours, when an output folder cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise CheckpointError(f"{folder}: cannot write there ({type(exc).__name__}: {exc}); "
-                              "make it a writable folder") from None
+@torch.no_grad()
+def validate(model: torch.nn.Module, data: TrainData, device: torch.device,
+             precision: str) -> tuple[float, float]:
+    """Validation loss (nats/token) and bits per byte over the fixed validation batches, all ranks summed."""
+    model.eval()
+    totals = torch.zeros(2, device=device)
+    for x, y in data.validation_batches():
+        with autocast(precision, device):
+            loss = model(x.to(device), y.to(device))
+        totals[0] += loss.float() * y.numel()
+        totals[1] += y.numel()
+    model.train()
+    if data.world > 1:
+        dist.all_reduce(totals)
+    nats, count = totals.tolist()
+    return nats / count, data.val_tokens.bits_per_byte(nats / count)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the run to stop after its current step; a second one of the same kind stops
+    it at once (the usual KeyboardInterrupt or termination). Handlers are installed only in the main
+    thread, the one thread Python delivers signals to."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Throughput:
+    """Tokens per second over the steps since the last log row, and over this session.
+
+    A session's first step (allocation, torch.compile) is left out of the session rate.
+    """
+
+    def __init__(self, tokens_per_step: int, first_step: int) -> None:
+        self.tokens_per_step, self.first_step = tokens_per_step, first_step
+        self.window_time = self.session_time = 0.0
+        self.window_steps = self.session_steps = 0
+
+    def add(self, step: int, elapsed: float) -> None:
+        """Count optimizer step `step` (1-based), which took `elapsed` seconds."""
+        self.window_time, self.window_steps = self.window_time + elapsed, self.window_steps + 1
+        if step > self.first_step:
+            self.session_time, self.session_steps = self.session_time + elapsed, self.session_steps + 1
+
+    def window_rate(self) -> float:
+        return self.tokens_per_step * self.window_steps / self.window_time
+
+    def reset_window(self) -> None:
+        self.window_time, self.window_steps = 0.0, 0
+
+    def session_rate(self) -> float | None:
+        return self.tokens_per_step * self.session_steps / self.session_time if self.session_steps else None
 
 
 class Trainer:
-    """One training run: builds the model and data, resumes if it can, trains, writes outputs."""
+    """One training run: builds the model and data, starts where llm.resume says, trains, writes outputs."""
 
     def __init__(self, params: Params, device: torch.device, ranks: Ranks, *, shards_dir: Path,
                  tokenizer_path: Path, checkpoint_dir: Path, model_path: Path, metrics_dir: Path) -> None:
         self.params, self.cfg, self.device, self.ranks = params, params.train, device, ranks
-        self.shards_dir, self.checkpoint_dir = shards_dir, checkpoint_dir
-        self.model_path, self.metrics_dir = model_path, metrics_dir
+        self.checkpoint_dir, self.model_path, self.metrics_dir = checkpoint_dir, model_path, metrics_dir
         self.precision = resolve_precision(params.runtime.precision, device, params.model.d_model)
-        self._setup_data(tokenizer_path)
+        self.data = TrainData(params, shards_dir, tokenizer_path, ranks.rank, ranks.world)
+        self.model_config, self.total_steps = self.data.model_config, self.data.total_steps
+        self.fingerprint = make_fingerprint(self.model_config, self.cfg, self.data.shards_sha256,
+                                            self.data.tokenizer_sha256, code_hashes())
+        check_training_fits(self.model_config, self.cfg, device, ranks.world, self.precision)
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank and every run
         self.raw_model = GPT(self.model_config).to(self.device)
         set_threads(params.runtime.threads, self.raw_model, self.device)
@@ -121,8 +185,9 @@ class Trainer:
         self.latest: dict[str, float] = {}
         self.log = TrainLog()
         self.saved_step: int | None = None
-        if not self._resume():
-            self._seed_dropout()
+        self.stop = StopSignals()
+        self._restore(plan_start(self.checkpoint_dir / LAST, self.cfg, self.fingerprint, self.model_config,
+                                 self.total_steps))
         self._check_ranks_agree()
         self.eval_model = torch.compile(self.raw_model) if params.runtime.compile else self.raw_model
         self.model: torch.nn.Module = self.eval_model
@@ -130,143 +195,28 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.eval_model, device_ids=device_ids)
 
-    # ----- setup -----
+    # ----- start -----
 
-    def _setup_data(self, tokenizer_path: Path) -> None:
-        """Token shards, batch layout, window order, step count and the run's fingerprint."""
-        cfg, world = self.cfg, self.ranks.world
-        meta = read_meta(self.shards_dir)
-        if not tokenizer_path.is_file():
-            raise DataError(f"{tokenizer_path}: not found; run `dvc repro fit_tokenizer`")
-        self.tokenizer_sha256 = sha256_file(tokenizer_path)
-        if meta.get("tokenizer_sha256") != self.tokenizer_sha256:
-            raise DataError(f"{self.shards_dir}: encoded with another tokenizer than {tokenizer_path}; "
-                            "run `dvc repro encode`")
-        self.model_config = dataclasses.replace(self.params.model, vocab_size=int(meta["vocab_size"]))
-        self.seq_len = self.model_config.max_seq_length
-        if cfg.batch_size % (world * cfg.grad_accum_steps):
-            raise ConfigError(f"train.batch_size = {cfg.batch_size}: must be a multiple of "
-                              f"train.grad_accum_steps ({cfg.grad_accum_steps}) x processes ({world}, "
-                              "runtime.nproc_per_node)")
-        self.rank_batch = cfg.batch_size // world
-        self.micro_batch = self.rank_batch // cfg.grad_accum_steps
-        self.train_tokens = TokenShards(self.shards_dir, "train")
-        self.val_tokens = TokenShards(self.shards_dir, "valid")
-        self.sampler = WindowSampler(len(self.train_tokens), self.seq_len, cfg.batch_size, cfg.seed)
-        self.total_steps = total_steps(cfg, self.sampler.steps_per_epoch)
-        self.val_batches = self._validation_batches()
-        shards_sha256 = sha256_file(self.shards_dir / "meta.json")
-        self.fingerprint = make_fingerprint(self.model_config, cfg, shards_sha256, self.tokenizer_sha256)
-
-    def _validation_batches(self) -> list[np.ndarray]:
-        """Fixed batches of non-overlapping validation windows (the first eval_batches, if set)."""
-        num_windows = (len(self.val_tokens) - 1) // self.seq_len
-        if num_windows == 0:
-            raise DataError(f"{self.shards_dir}: the valid split has {len(self.val_tokens)} tokens, fewer "
-                            f"than model.max_seq_length + 1 ({self.seq_len + 1}); use a shorter context")
-        starts = np.arange(num_windows, dtype=np.int64) * self.seq_len
-        size = self.cfg.batch_size // self.cfg.grad_accum_steps
-        batches = [starts[i:i + size] for i in range(0, num_windows, size)]
-        return batches[:self.cfg.eval_batches] if self.cfg.eval_batches else batches
-
-    # ----- resume -----
-
-    def _resume(self) -> bool:
-        """Continue last.pt if it is this run's, else start from train.resume if set; True if RNG restored."""
-        last, explicit = self.checkpoint_dir / LAST, self.cfg.resume
-        if last.is_file():
-            try:
-                payload = read_checkpoint(last)
-            except CheckpointError as exc:
-                self._say(f"not resuming: {exc}; starting {'from train.resume' if explicit else 'fresh'}")
-            else:
-                changes = describe_changes(Fingerprint.from_dict(payload.get("fingerprint_parts", {})),
-                                           self.fingerprint)
-                origin = payload.get("origin", "")
-                if origin != explicit:
-                    changes.append(f"it continues a run started from {origin or 'scratch'} but "
-                                   f"train.resume is {explicit!r}")
-                if not changes:
-                    self._load(payload, optimizer=True, position=True)
-                    self.saved_step = self.step
-                    self._say(f"resuming from {last} at step {self.step}/{self.total_steps} "
-                              "(its fingerprint matches params.yaml, the shards and the tokenizer)")
-                    return True
-                then = f"starting from train.resume ({explicit})" if explicit else "starting fresh"
-                self._say(f"not resuming from {last}: {'; '.join(changes)}; {then}")
-        return self._resume_explicit(Path(explicit)) if explicit else False
-
-    def _resume_explicit(self, path: Path) -> bool:
-        """Start from train.resume: weights always, optimizer and position when compatible."""
-        payload = read_checkpoint(path)
-        model_changes = dict_changes("model", payload["model_config"], dataclasses.asdict(self.model_config))
-        if model_changes:
-            raise CheckpointError(f"train.resume = {path}: its model differs from params.yaml "
-                                  f"({'; '.join(model_changes)}); match the model params or clear "
-                                  "train.resume")
-        if "optimizer" not in payload:
-            self._load(payload, optimizer=False, position=False)
-            self._say(f"train.resume: loaded model weights from {path} (it holds no optimizer state); "
-                      "starting at step 0")
-            return False
-        old = Fingerprint.from_dict(payload.get("fingerprint_parts", {}))
-        old_optimizer = old.train.get("optimizer", "adamw")  # the only optimizer before train.optimizer
-        if old_optimizer != self.cfg.optimizer:
-            self._load(payload, optimizer=False, position=False)
-            self._say(f"train.resume: loaded model weights from {path}; its optimizer state is "
-                      f"{old_optimizer}'s and train.optimizer is {self.cfg.optimizer}, so the optimizer "
-                      "starts fresh at step 0")
-            return False
-        step = int(payload.get("step", 0))
-        same_order = (old.shards_sha256 == self.fingerprint.shards_sha256
-                      and old.train.get("batch_size") == self.cfg.batch_size
-                      and old.train.get("seed") == self.cfg.seed)
-        position = same_order and step < self.total_steps
-        self._load(payload, optimizer=True, position=position)
-        changes = describe_changes(old, self.fingerprint)
-        if position:
-            loaded = f"model weights, optimizer state, step {step} and RNG state"
-        else:
-            why = f"step {step} is already the last" if same_order else "the data order differs"
-            loaded = f"model weights and optimizer state; starting at step 0 because {why}"
-        note = "; ".join(changes) if changes else "same params: this continues that run exactly"
-        self._say(f"train.resume: loaded {loaded} from {path} ({note})")
-        return position
-
-    def _load(self, payload: dict[str, Any], *, optimizer: bool, position: bool) -> None:
-        """Restore weights, and optionally optimizer/scaler and the run's position, logs and RNG.
-
-        The caller re-seeds the RNG when `position` is false."""
-        try:
-            self.raw_model.load_state_dict(payload["model"])
-        except RuntimeError as exc:
-            raise CheckpointError("checkpoint weights do not fit the model: "
-                                  f"{str(exc).splitlines()[0]}") from None
-        if optimizer:
-            current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            try:
-                self.optimizer.load_state_dict(payload["optimizer"])
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"checkpoint optimizer state does not fit the model: {exc}") from None
-            for group, settings in zip(self.optimizer.param_groups, current):
-                group.update(settings)  # this run's weight decay, betas and kernels, not the stored ones
-            if self.scaler.is_enabled() and payload.get("scaler"):
-                self.scaler.load_state_dict(payload["scaler"])
-        if not position:
+    def _restore(self, start: Start) -> None:
+        """Load what `start` says and print why; restore the position and RNG, or seed dropout afresh."""
+        for line in start.lines:
+            self._say(line)
+        load_state(start, self.raw_model, self.optimizer, self.scaler)
+        checkpoint = start.checkpoint
+        if checkpoint is None or not start.position:
+            self._seed_dropout()
             return
-        self.step = int(payload["step"])
-        state = payload.get("state", {})
-        self.best_val_loss = float(state.get("best_val_loss", math.inf))
-        self.train_time_s = float(state.get("train_time_s", 0.0))
-        self.latest = dict(state.get("latest", {}))
-        self.log = TrainLog.from_state(payload.get("log", {}), self.step)
-        per_rank = payload.get("rng", [])
-        if len(per_rank) != self.ranks.world:
-            self._say(f"the checkpoint was written by {len(per_rank)} processes, this run has "
+        self.step, self.saved_step = checkpoint.step, checkpoint.step
+        self.best_val_loss = float(checkpoint.progress.get("best_val_loss", math.inf))
+        self.train_time_s = float(checkpoint.progress.get("train_time_s", 0.0))
+        self.latest = dict(checkpoint.progress.get("latest", {}))
+        self.log = TrainLog.from_state(checkpoint.log, self.step)
+        if len(checkpoint.rng) != self.ranks.world:
+            self._say(f"the checkpoint was written by {len(checkpoint.rng)} processes, this run has "
                       f"{self.ranks.world}: dropout draws new random numbers from here on")
             self._seed_dropout()
             return
-        mine = per_rank[self.ranks.rank]
+        mine = checkpoint.rng[self.ranks.rank]
         torch.set_rng_state(mine["torch"])
         if "cuda" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda"], self.device)
@@ -289,16 +239,12 @@ class Trainer:
 
     # ----- training -----
 
-    def _train_step(self) -> float:
-        """One optimizer step over the global batch; returns its mean loss over all ranks."""
+    def _train_step(self) -> tuple[float, bool]:
+        """One optimizer step over the global batch; returns its mean loss over all ranks and whether
+        any rank was asked to stop (so that all ranks stop after the same step)."""
         cfg = self.cfg
-        epoch, position = divmod(self.step, self.sampler.steps_per_epoch)
-        starts = self.sampler.starts(epoch, position)
-        mine = starts[self.ranks.rank * self.rank_batch:(self.ranks.rank + 1) * self.rank_batch]
-        totals = torch.zeros(2, device=self.device)  # nats summed, tokens counted
-        for micro in range(cfg.grad_accum_steps):
-            x, y = get_batch(self.train_tokens, mine[micro * self.micro_batch:(micro + 1) * self.micro_batch],
-                             self.seq_len)
+        totals = torch.zeros(3, device=self.device)  # nats summed, tokens counted, ranks asked to stop
+        for micro, (x, y) in enumerate(self.data.micro_batches(self.step)):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             syncs = self.ranks.world == 1 or micro == cfg.grad_accum_steps - 1
             with contextlib.nullcontext() if syncs else self.model.no_sync():
@@ -307,9 +253,10 @@ class Trainer:
                 self.scaler.scale(loss / cfg.grad_accum_steps).backward()
             totals[0] += loss.detach().float() * y.numel()
             totals[1] += y.numel()
+        totals[2] = float(self.stop.received is not None)
         if self.ranks.world > 1:
             dist.all_reduce(totals)
-        nats, count = totals.tolist()
+        nats, count, stops = totals.tolist()
         mean_loss = nats / count
         if not math.isfinite(mean_loss):
             kept = "no checkpoint was written" if self.saved_step is None else \
@@ -325,31 +272,12 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean_loss
-
-    @torch.no_grad()
-    def _validate(self) -> tuple[float, float]:
-        """Validation loss (nats/token) and bits per byte over the fixed validation batches."""
-        self.eval_model.eval()
-        totals = torch.zeros(2, device=self.device)
-        for starts in self.val_batches[self.ranks.rank::self.ranks.world]:
-            x, y = get_batch(self.val_tokens, starts, self.seq_len)
-            with autocast(self.precision, self.device):
-                loss = self.eval_model(x.to(self.device), y.to(self.device))
-            totals[0] += loss.float() * y.numel()
-            totals[1] += y.numel()
-        self.eval_model.train()
-        if self.ranks.world > 1:
-            dist.all_reduce(totals)
-        nats, count = totals.tolist()
-        # Bytes covered: the split's UTF-8 bytes scaled by the share of its tokens scored (windows skip the
-        # first token and the tail), since token-to-byte offsets are not stored.
-        scored_bytes = self.val_tokens.num_bytes * count / len(self.val_tokens)
-        return nats / count, nats / (math.log(2) * scored_bytes)
+        # One process stops on its own signal, even one that came during the update; ranks stop together.
+        return mean_loss, self.stop.received is not None if self.ranks.world == 1 else stops > 0
 
     def _evaluate(self) -> None:
         """Validate, log it, and keep best_model.pt on a new best validation loss."""
-        val_loss, val_bpb = self._validate()
+        val_loss, val_bpb = validate(self.eval_model, self.data, self.device, self.precision)
         self.latest.update(val_loss=val_loss, val_bpb=val_bpb)
         self.log.add_val_row(self.step, val_loss, val_bpb)
         self._say(f"step {self.step}: val_loss {val_loss:.4f}, val_bpb {val_bpb:.4f}")
@@ -365,22 +293,18 @@ class Trainer:
             dist.all_gather_object(rng, _rng_state(self.device))
         if not self.ranks.main:
             return
-        epoch, position = divmod(self.step, self.sampler.steps_per_epoch)
-        save_training_checkpoint(path, {
-            "format_version": MODEL_FORMAT_VERSION,
-            "model": {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()},
-            "model_config": dataclasses.asdict(self.model_config),
-            "tokenizer_sha256": self.tokenizer_sha256,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "step": self.step, "epoch": epoch, "position": position,
-            "rng": [{k: v.cpu() for k, v in state.items()} for state in rng],
-            "fingerprint": self.fingerprint.digest, "fingerprint_parts": self.fingerprint.to_dict(),
-            "origin": self.cfg.resume,
-            "state": {"best_val_loss": self.best_val_loss, "train_time_s": self.train_time_s,
+        epoch, position = divmod(self.step, self.data.steps_per_epoch)
+        TrainingCheckpoint(
+            model=model_state(self.raw_model), model_config=dataclasses.asdict(self.model_config),
+            tokenizer_sha256=self.data.tokenizer_sha256, step=self.step, epoch=epoch, position=position,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            rng=[{k: v.cpu() for k, v in state.items()} for state in rng],
+            fingerprint=self.fingerprint.to_dict(), origin=self.cfg.resume,
+            progress={"best_val_loss": self.best_val_loss, "train_time_s": self.train_time_s,
                       "latest": self.latest},
-            "log": self.log.state(),
-        })
+            log=self.log.state(),
+        ).save(path)
         if path.name == LAST:
             self.saved_step = self.step
             self.log.write(self.metrics_dir)
@@ -390,51 +314,56 @@ class Trainer:
             tqdm.write(message)
 
     def run(self) -> dict[str, Any]:
-        """Train to the last step, evaluating and checkpointing on schedule; returns the metrics."""
-        if self.ranks.main:
-            for folder in (self.checkpoint_dir, self.model_path.parent, self.metrics_dir):
-                _check_writable(folder)
+        """Train to the last step, evaluating and checkpointing on schedule; returns the metrics.
+
+        SIGINT or SIGTERM stops the run after the current step with checkpoints/last.pt written, so the
+        next run continues from that step (raises Interrupted)."""
         runtime, cfg = self.params.runtime, self.cfg
-        tokens_per_step = cfg.batch_size * self.seq_len
+        tokens_per_step = cfg.batch_size * self.data.seq_len
         self._say(f"training {self.raw_model.num_params():,} parameters on {self.device.type} x "
                   f"{self.ranks.world} ({self.precision}): {self.total_steps} steps "
-                  f"({self.sampler.steps_per_epoch} per epoch), {tokens_per_step:,} tokens per step")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (runtime.progress and self.ranks.main))
-        session_time = window_time = 0.0
-        session_steps = window_steps = 0
-        first_step = self.step + 1
-        while self.step < self.total_steps:
-            started = time.perf_counter()
-            loss = self._train_step()
-            elapsed = time.perf_counter() - started
-            self.step += 1
-            self.train_time_s += elapsed
-            window_time, window_steps = window_time + elapsed, window_steps + 1
-            if self.step > first_step:  # a session's first step (allocation, torch.compile) is no throughput
-                session_time, session_steps = session_time + elapsed, session_steps + 1
-            self.log.add_loss(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step * window_steps / window_time:,.0f}",
-                            refresh=False)
-            last_step = self.step == self.total_steps
-            if self.step % runtime.log_interval == 0 or last_step:
-                lr = lr_at(self.step - 1, self.total_steps, cfg)
-                rate = tokens_per_step * window_steps / window_time
-                mean_loss = self.log.add_train_row(self.step, lr, rate)
-                self.latest.update(train_loss=mean_loss, tokens_per_sec=rate)
-                epoch = (self.step - 1) // self.sampler.steps_per_epoch
-                self._say(f"step {self.step}/{self.total_steps} | epoch {epoch} | loss {mean_loss:.4f} "
-                          f"| lr {lr:.3e} | {rate:,.0f} tok/s")
-                window_time, window_steps = 0.0, 0
-            if self.step % cfg.eval_interval == 0 or last_step:
-                self._evaluate()
-            if self.step % cfg.checkpoint_interval == 0 or last_step:
-                self._save(self.checkpoint_dir / LAST)
-        bar.close()
-        if session_steps:
-            self.latest["tokens_per_sec"] = tokens_per_step * session_steps / session_time
+                  f"({self.data.steps_per_epoch} per epoch), {tokens_per_step:,} tokens per step")
+        speed = Throughput(tokens_per_step, first_step=self.step + 1)
+        with self.stop, tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                             dynamic_ncols=True, disable=not (runtime.progress and self.ranks.main)) as bar:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                loss, stop = self._train_step()
+                elapsed = time.perf_counter() - started
+                self.step += 1
+                self.train_time_s += elapsed
+                speed.add(self.step, elapsed)
+                self.log.add_loss(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed.window_rate():,.0f}", refresh=False)
+                last_step = self.step == self.total_steps
+                if self.step % runtime.log_interval == 0 or last_step:
+                    self._log_row(speed.window_rate())
+                    speed.reset_window()
+                if self.step % cfg.eval_interval == 0 or last_step:
+                    self._evaluate()
+                if self.step % cfg.checkpoint_interval == 0 or last_step or stop:
+                    self._save(self.checkpoint_dir / LAST)
+                if stop and not last_step:
+                    raise Interrupted(self._interrupted_message(), self.stop.received or signal.SIGTERM)
+        if speed.session_rate() is not None:
+            self.latest["tokens_per_sec"] = speed.session_rate()
         return self._finish()
+
+    def _log_row(self, rate: float) -> None:
+        """Append a train_log row (mean loss since the last row) and print it."""
+        lr = lr_at(self.step - 1, self.total_steps, self.cfg)
+        mean_loss = self.log.add_train_row(self.step, lr, rate)
+        self.latest.update(train_loss=mean_loss, tokens_per_sec=rate)
+        epoch = (self.step - 1) // self.data.steps_per_epoch
+        self._say(f"step {self.step}/{self.total_steps} | epoch {epoch} | loss {mean_loss:.4f} "
+                  f"| lr {lr:.3e} | {rate:,.0f} tok/s")
+
+    def _interrupted_message(self) -> str:
+        """The one line a stopped run ends with."""
+        name = signal.Signals(self.stop.received).name if self.stop.received else "a signal to another rank"
+        return (f"interrupted by {name} after step {self.step}/{self.total_steps}: "
+                f"{self.checkpoint_dir / LAST} holds it; run the train stage again to continue from there")
 
     def _finish(self) -> dict[str, Any]:
         """Write models/model.pt, metrics/train.json and the curves (rank 0); return the metrics."""
@@ -445,7 +374,7 @@ class Trainer:
             "val_bpb": latest.get("val_bpb"), "tokens_per_sec": latest.get("tokens_per_sec"),
             "num_params": self.raw_model.num_params(), "train_time_s": round(self.train_time_s, 3),
             "device": self.device.type, "steps": self.step,
-            "epochs": round(self.step / self.sampler.steps_per_epoch, 4),
+            "epochs": round(self.step / self.data.steps_per_epoch, 4),
         }
         if metrics["tokens_per_sec"] is not None:
             utilisation = mfu(metrics["tokens_per_sec"] / self.ranks.world, self.raw_model.flops_per_token(),
@@ -454,10 +383,11 @@ class Trainer:
                 metrics["mfu"] = utilisation
         if self.ranks.main:
             run_params = {"model": section_dict(self.params.model), "train": section_dict(self.params.train)}
-            extra = {"step": self.step, "metrics": metrics, "params": run_params}
+            model_metrics = {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
+            extra = {"step": self.step, "metrics": model_metrics, "params": run_params}
             try:
-                save_model_file(self.model_path, self.raw_model, self.model_config, self.tokenizer_sha256,
-                                extra)
+                save_model_file(self.model_path, self.raw_model, self.model_config,
+                                self.data.tokenizer_sha256, extra)
             except (OSError, RuntimeError) as exc:
                 raise CheckpointError(f"{self.model_path}: could not write the model ({exc})") from None
             write_json_atomic(self.metrics_dir / "train.json", metrics)
@@ -474,6 +404,10 @@ def train(params: Params, *, shards_dir: str | os.PathLike = "data/shards",
     device = resolve_device(params.runtime.device)
     ranks, joined = _start_distributed(device)
     try:
+        if ranks.main:  # before any work: every output can be written; what killed runs left is removed
+            metrics, checkpoints = Path(metrics_dir), Path(checkpoint_dir)
+            check_outputs(model_path, metrics / "train.json", metrics / TRAIN_LOG, metrics / VAL_LOG,
+                          checkpoints / LAST, checkpoints / BEST)
         trainer = Trainer(params, device, ranks, shards_dir=Path(shards_dir),
                           tokenizer_path=Path(tokenizer_path), checkpoint_dir=Path(checkpoint_dir),
                           model_path=Path(model_path), metrics_dir=Path(metrics_dir))

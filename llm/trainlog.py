@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm.errors import DataError
 from llm.io import write_text_atomic
 
 TRAIN_COLUMNS = ("step", "train_loss", "lr", "tokens_per_sec")
@@ -31,11 +32,30 @@ def format_tsv(columns: tuple[str, ...], rows: list[list[float | int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_tsv(path: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a TSV written by format_tsv, as dicts of floats (for tests and plots)."""
-    header, *lines = Path(path).read_text(encoding="utf-8").splitlines()
+def parse_tsv(text: str, source: str, needed: tuple[str, ...] = ()) -> list[dict[str, float]]:
+    """Rows of a TSV written by format_tsv (`text`, read from `source`), as dicts of floats; DataError if it
+    lacks a `needed` column or is not numeric (a row cut short included)."""
+    header, *lines = text.splitlines() or [""]
     columns = header.split("\t")
-    return [dict(zip(columns, map(float, line.split("\t")))) for line in lines if line]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(f"{source}: no column {', '.join(missing)} (header: {columns}); "
+                        "re-run the train stage")
+    try:
+        return [dict(zip(columns, map(float, line.split("\t")), strict=True)) for line in lines if line]
+    except ValueError as exc:
+        raise DataError(f"{source}: not a numeric log ({exc}); re-run the train stage") from None
+
+
+def read_tsv(path: str | os.PathLike, needed: tuple[str, ...] = ()) -> list[dict[str, float]]:
+    """`parse_tsv` of a file; DataError if it is missing."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: training log not found; run the train stage first (dvc repro train)"
+                        ) from None
+    return parse_tsv(text, str(path), needed)
 
 
 @dataclass

@@ -5,15 +5,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm.config import load_params
-from llm.shards import encode_corpus
-from llm.stage import run_stage
+from llm.stage import dependencies_or_exit, run_stage
+
+with dependencies_or_exit():
+    from llm.config import load_params
+    from llm.encode import encode_corpus
+    from llm.io import check_outputs
+
+SHARDS = Path("data/shards")
 
 
 def main() -> None:
     """Write data/shards and print one summary line per split."""
-    params = load_params("params.yaml")
-    meta = encode_corpus(Path("data/raw"), Path("data/tokenizer.json"), Path("data/shards"),
+    params = load_params(sections=("encode",))
+    check_outputs(folders=(SHARDS,))
+    meta = encode_corpus(Path("data/raw"), Path("data/tokenizer.json"), SHARDS,
                          shard_tokens=params.encode.shard_tokens, num_workers=params.runtime.num_workers,
                          progress=params.runtime.progress)
     for split, info in meta["splits"].items():

@@ -1,44 +1,44 @@
-"""evaluate stage: held-out metrics (metrics/eval.json), loss plot (plots/loss.png), samples (reports/)."""
+"""evaluate stage: held-out metrics (metrics/eval.json) and the loss plot (plots/loss.png)."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm.checkpoint import load_model_file
-from llm.config import load_params
-from llm.evaluate import evaluate_splits, samples_report
-from llm.generate import check_tokenizer_matches
-from llm.hardware import autocast, resolve_device, resolve_precision, set_threads
-from llm.io import write_json_atomic, write_text_atomic
-from llm.plots import plot_loss, run_title
-from llm.shards import read_meta
-from llm.stage import run_stage
-from llm.tokenizers import load_tokenizer
+from llm.stage import dependencies_or_exit, run_stage
 
-MODEL, TOKENIZER, SHARDS = Path("models/model.pt"), Path("data/tokenizer.json"), Path("data/shards")
+with dependencies_or_exit():
+    from llm.checkpoint import load_model_file
+    from llm.config import load_params
+    from llm.evaluate import check_same_tokenizer, evaluate_splits, unk_notes
+    from llm.hardware import autocast, resolve_device, resolve_precision, set_threads
+    from llm.io import check_outputs, write_json_atomic
+    from llm.plots import plot_loss, run_title
+    from llm.shards import read_meta
+
+MODEL, SHARDS = Path("models/model.pt"), Path("data/shards")
 TRAIN_LOG, VAL_LOG = Path("metrics/train_log.tsv"), Path("metrics/val_log.tsv")
+EVAL_JSON, LOSS_PLOT = Path("metrics/eval.json"), Path("plots/loss.png")
 
 
 def main() -> None:
-    params = load_params()
+    params = load_params(sections=("eval",))
+    check_outputs(EVAL_JSON, LOSS_PLOT)
     device = resolve_device(params.runtime.device)
     model, payload = load_model_file(MODEL, device)
     precision = resolve_precision(params.runtime.precision, device, model.config.d_model)
     set_threads(params.runtime.threads, model, device)
     shards_meta = read_meta(SHARDS)
-    check_tokenizer_matches(TOKENIZER, payload, MODEL)
-    check_tokenizer_matches(TOKENIZER, shards_meta, SHARDS / "meta.json")
-    tokenizer = load_tokenizer(TOKENIZER)
+    check_same_tokenizer(payload, MODEL, shards_meta, SHARDS)
     with autocast(precision, device):
         metrics = evaluate_splits(model, SHARDS, params.eval.splits, stride=params.eval.stride,
                                   batch_size=params.eval.batch_size, progress=params.runtime.progress)
-        samples = samples_report(model, tokenizer, params.generate, payload.get("step"))
-    write_json_atomic("metrics/eval.json", metrics)
-    title = run_title(payload, shards_meta.get("tokenizer_type") or type(tokenizer).__name__)
-    plot_loss(TRAIN_LOG, VAL_LOG, "plots/loss.png", title)
-    write_text_atomic("reports/samples.txt", samples)
+    write_json_atomic(EVAL_JSON, metrics)
+    title = run_title(payload, shards_meta.get("tokenizer_type", "?"))
+    plot_loss(TRAIN_LOG, VAL_LOG, LOSS_PLOT, title)
     print(", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+    for note in unk_notes(metrics):
+        print(note)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm.config import load_params
-from llm.stage import run_stage
-from llm.tokenizers.fit import fit_tokenizer, read_training_text
+from llm.stage import dependencies_or_exit, run_stage
+
+with dependencies_or_exit():
+    from llm.config import load_params
+    from llm.io import check_outputs
+    from llm.tokenizers.fit import fit_tokenizer, read_training_text
 
 TRAIN_TEXT = Path("data/raw/train.txt")
 OUT = Path("data/tokenizer.json")
@@ -16,7 +19,8 @@ OUT = Path("data/tokenizer.json")
 
 def main() -> None:
     """Fit, save atomically, and report the size reached and the time taken."""
-    params = load_params()
+    params = load_params(sections=("tokenizer",))
+    check_outputs(OUT)
     config = params.tokenizer
     text = read_training_text(TRAIN_TEXT)
     start = time.perf_counter()

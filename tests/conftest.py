@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -35,3 +37,21 @@ def shakespeare_text(shakespeare: Path) -> str:
 @pytest.fixture(scope="session")
 def wikitext_valid(shared_data: Path) -> Path:
     return shared_data / "wikitext-2" / "valid.txt"
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Tiny models on one CPU thread: faster than two on a busy shared machine (no OpenMP barriers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def eval_project(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> Path:
+    """A finished tiny project (raw text, tokenizer, shards, a briefly trained model, training logs), built
+    once: what evaluate, samples and `llm generate` read. Tests that break something work on a copy."""
+    from train_project import make_eval_project
+
+    return make_eval_project(tmp_path_factory.mktemp("project"), shakespeare_text)

@@ -8,7 +8,9 @@ Usage::
 
 Faults (consumed one per request, in order): `drop` (send half the body, then close the connection),
 `500`/`503` (that status), `ignore-range` (answer 200 with the full body even when a Range was asked),
-`stall` (wait `stall_seconds` before answering, to trip a client's read timeout).
+`stall` (wait `stall_seconds` before answering, to trip a client's read timeout), `endless` (a body
+without a length that never ends, until the client hangs up).
+`server.redirects[path] = location` answers every request for `path` with a 302 to `location`.
 Every request is recorded in `server.requests` as (path, headers).
 """
 
@@ -31,6 +33,7 @@ class FileServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files = dict(files)
         self.faults: dict[str, list[str]] = {}
+        self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.forbid_agent_prefix = forbid_agent_prefix
         self.stall_seconds = 1.0
@@ -62,6 +65,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(403)  # like wikitext.smerity.com
         if fault.isdigit():
             return self._status(int(fault))
+        if self.path in self.server.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.server.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        if fault == "endless":
+            return self._endless()
         body = self.server.files.get(self.path)
         if body is None:
             return self._status(404)
@@ -86,6 +97,18 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         self.wfile.write(payload)
         return None
+
+    def _endless(self) -> None:
+        """200 and text forever (HTTP/1.0: the body ends with the connection), until the client leaves."""
+        self.send_response(200)
+        self.end_headers()
+        self.close_connection = True
+        line = b"all work and no play makes jack a dull boy\n" * 1000
+        try:
+            while True:
+                self.wfile.write(line)
+        except OSError:  # the client hung up
+            return
 
     def _status(self, code: int) -> None:
         self.send_response(code)

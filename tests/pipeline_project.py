@@ -1,8 +1,12 @@
-"""Build a tiny copy of this project in a temp folder and drive it with real git and DVC.
+"""Tiny projects in temp folders: the one tiny params.yaml of the tests, and a copy of this project
+driven with real git and DVC.
 
-Used by the end-to-end tests (test_pipeline.py, test_faults.py): the copy holds the
-library, the stage scripts and dvc.yaml of this checkout, a params.yaml shrunk so the
-whole pipeline runs in seconds on a CPU, a fresh `dvc init` and one git commit.
+Params: `write_params` writes every key, from the dataclass defaults in llm/config.py (never this
+checkout's params.yaml, which is the user's to edit), shrunk by TINY_PARAMS so a whole pipeline
+runs in seconds on a CPU, then the test's own changes.
+
+Used by the end-to-end tests (test_pipeline.py, test_faults.py, ...): the copy holds the library, the
+stage scripts and dvc.yaml of this checkout, the tiny params.yaml, a fresh `dvc init` and one git commit.
 """
 
 from __future__ import annotations
@@ -17,22 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ruamel.yaml import YAML
+
+from llm.config import DERIVED_KEYS, SECTIONS, Params, params_from_dict, section_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("llm", "stages", "dvc.yaml", "pyproject.toml", ".gitignore", ".dvcignore")
-STAGES = ("download", "fit_tokenizer", "encode", "train", "evaluate")
+DVC_FILES = ("config", "plots.html")  # the project's DVC settings and the offline plots page they name
+STAGES = ("download", "fit_tokenizer", "encode", "train", "evaluate", "samples")
 
-# A model of a few thousand parameters, a 300-token BPE and a few dozen steps: every
-# stage runs, on the real tiny-Shakespeare text, in seconds.
+# A model of a few tens of thousands of parameters, a 300-token BPE and eight steps: every stage
+# runs, on the real tiny-Shakespeare text, in seconds.
 TINY_PARAMS: dict[str, dict[str, Any]] = {
     "tokenizer": {"vocab_size": 300},
-    "model": {"d_model": 16, "num_heads": 2, "num_layers": 1, "d_ff": 32, "max_seq_length": 32,
+    "model": {"d_model": 32, "num_heads": 2, "num_layers": 2, "d_ff": 64, "max_seq_length": 16,
               "dropout": 0.1},
-    "train": {"batch_size": 8, "max_steps": 30, "warmup_steps": 5, "eval_interval": 10,
-              "eval_batches": 4, "checkpoint_interval": 10},
+    "train": {"batch_size": 8, "learning_rate": 0.003, "min_lr": 0.0003, "warmup_steps": 4, "max_epochs": 1,
+              "max_steps": 8, "eval_interval": 4, "eval_batches": 2, "checkpoint_interval": 4},
     "eval": {"batch_size": 64},
     "generate": {"max_length": 20, "num_samples": 2},
-    "runtime": {"device": "cpu", "progress": False, "num_workers": 1, "log_interval": 5},
+    "runtime": {"device": "cpu", "precision": "fp32", "progress": False, "num_workers": 1, "log_interval": 2},
 }
 
 
@@ -86,6 +94,16 @@ def stages_skipped(output: str) -> list[str]:
     return re.findall(r"Stage '([^']+)' didn't change, skipping", output)
 
 
+def assert_renders_offline(page: Path) -> None:
+    """A DVC plots page that loads no script from the network, and whose local scripts exist."""
+    html = page.read_text(encoding="utf-8")
+    sources = re.findall(r"<script[^>]*\ssrc\s*=\s*[\"']([^\"']+)", html)
+    assert not [s for s in sources if re.match(r"(https?:)?//", s)], f"{page} loads scripts from the network"
+    assert all((page.parent / s).is_file() for s in sources), f"{page}: missing scripts {sources}"
+    assert "vegaEmbed(" in html and "vega-embed" in html, f"{page}: no inlined Vega-Embed"
+    assert "train_loss" in html and "val_loss" in html
+
+
 def merge(base: dict, overrides: dict) -> dict:
     """A deep copy of `base` with the nested mapping `overrides` applied on top."""
     merged = copy.deepcopy(base)
@@ -97,27 +115,48 @@ def merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
+def default_params() -> dict[str, dict[str, Any]]:
+    """Every params.yaml key at its default (llm/config.py), as nested dicts."""
+    params = {name: section_dict(cls()) for name, cls in SECTIONS.items()}
+    for section, key in DERIVED_KEYS:
+        params[section].pop(key)
+    return params
+
+
+def tiny_params(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The defaults, then TINY_PARAMS, then `sections` ({key: value} per section name)."""
+    return merge(merge(default_params(), TINY_PARAMS), sections)
+
+
+def write_params(project: Path, **sections: dict[str, Any]) -> Params:
+    """Write the project's params.yaml (tiny_params(**sections)); returns it validated."""
+    raw = tiny_params(**sections)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return params_from_dict(raw)
+
+
 def read_params(project: Path) -> dict:
     """The project's params.yaml as nested dicts."""
     return yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
 
 
-def write_params(project: Path, params: dict) -> None:
-    """Replace the project's params.yaml with `params`."""
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-
-
-def set_param(project: Path, dotted: str, value: Any) -> None:
-    """Set `section.key` in the project's params.yaml, as a user editing the file would."""
-    section, key = dotted.split(".")
-    write_params(project, merge(read_params(project), {section: {key: value}}))
+def edit_params(project: Path, **sections: dict[str, Any]) -> None:
+    """Change keys of the project's params.yaml in place, keeping its comments and layout, as a user or
+    `dvc exp run -S` does (unchanged values are left as written)."""
+    path, round_trip = project / "params.yaml", YAML()
+    params = round_trip.load(path)
+    for section, values in sections.items():
+        for key, value in values.items():
+            if params[section].get(key) != value:
+                params[section][key] = value
+    round_trip.dump(params, path)
 
 
 def build_project(dest: Path, text_files_dir: Path, overrides: dict | None = None) -> Path:
     """Create the tiny project in `dest` (a git repo with DVC initialised) and return it.
 
-    Its params are TINY_PARAMS, then `data` reading the *.txt files of `text_files_dir`,
-    then `overrides` ({section: {key: value}}).
+    Its params are tiny_params with `data` reading the *.txt files of `text_files_dir`, then
+    `overrides` ({section: {key: value}}).
     """
     dest.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
@@ -126,13 +165,13 @@ def build_project(dest: Path, text_files_dir: Path, overrides: dict | None = Non
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(source, dest / name)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")), TINY_PARAMS)
     data = {"dataset": "text_files", "text_files_dir": str(text_files_dir)}
-    write_params(dest, merge(merge(params, {"data": data}), overrides or {}))
+    write_params(dest, **merge({"data": data}, overrides or {}))
     git(dest, "init", "-q")
     git(dest, "config", "user.email", "tests@example.com")
     git(dest, "config", "user.name", "tests")
     dvc(dest, "init", "-q")
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    for name in DVC_FILES:
+        shutil.copy2(ROOT / ".dvc" / name, dest / ".dvc" / name)
     commit_all(dest, "tiny project")
     return dest

@@ -1,8 +1,10 @@
-"""Byte-level BPE: training against a naive reference, losslessness, and exact tiktoken parity."""
+"""Byte-level BPE: training against a naive reference, the fast encoder against the plain merge loop,
+losslessness, and exact tiktoken parity."""
 
 from __future__ import annotations
 
 import collections
+import doctest
 import json
 
 import pytest
@@ -11,10 +13,14 @@ import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import llm.tokenizers._bpe_encode as fast
+import llm.tokenizers.bpe
+from llm.config import TokenizerConfig
 from llm.errors import TokenizerError
 from llm.tokenizers import BPETokenizer, load_tokenizer
 from llm.tokenizers._bpe_train import count_words, learn_merges
-from llm.tokenizers.patterns import GPT2_PATTERN, GPT4_PATTERN
+from llm.tokenizers.bpe import merge
+from llm.tokenizers.patterns import GPT2_PATTERN, GPT4_PATTERN, make_splitter
 
 # Characters that stress the pre-tokenization rules: every kind of whitespace (incl. ones Python and
 # Unicode disagree on), letters and digits of several scripts, marks, emoji with joiners, apostrophes.
@@ -234,7 +240,7 @@ def test_bad_arguments_raise_tokenizer_errors():
         BPETokenizer.train("hello", 300, pattern="gpt5")
     with pytest.raises(TokenizerError, match="not a valid regex"):
         BPETokenizer.train("hello", 300, pattern="(unclosed")
-    with pytest.raises(TokenizerError, match="skips some characters"):
+    with pytest.raises(TokenizerError, match=r"skips '½' \(U\+00BD, No\), so the BPE would silently drop"):
         BPETokenizer.train("hello world", 300, pattern=r"\w+")
     with pytest.raises(TokenizerError, match="distinct"):
         BPETokenizer.train("hello", 300, special_tokens=["<a>", "<a>"])
@@ -290,13 +296,98 @@ def test_ascii_fast_regex_matches_the_unicode_pattern(text):
 def test_tiny_caches_and_batched_merges_keep_parity(monkeypatch, wikitext_valid, tok):
     """Cache evictions between and within texts, and the numpy batch merge forced for every word,
     change no id."""
-    import llm.tokenizers.bpe as bpe
-
     text = wikitext_valid.read_text(encoding="utf-8")[:100_000]
     enc = tiktoken_of(tok)
-    monkeypatch.setattr(bpe, "CACHE_LIMIT", 50)
-    monkeypatch.setattr(bpe, "BATCH_MIN", 0)
+    monkeypatch.setattr(fast, "CACHE_LIMIT", 50)
+    monkeypatch.setattr(fast, "BATCH_MIN", 0)
     fresh = load_tokenizer_roundtrip(tok)
     assert fresh.encode(text) == enc.encode_ordinary(text)
     for line in text.splitlines()[:300]:  # each line partly cached, partly new: evicts mid-encode
         assert fresh.encode(line) == enc.encode_ordinary(line)
+
+
+def plain_encode(tok: BPETokenizer, text: str) -> list[int]:
+    """The reference: the pattern's words, each merged by the plain loop of bpe.py."""
+    ranks = tok.mergeable_ranks()
+    return [i for word in make_splitter(tok.pattern)(text) for i in merge(word.encode("utf-8"), ranks)]
+
+
+# Runs of one letter make ties (the same pair twice in a word), which go to the leftmost pair.
+AB_TOK = BPETokenizer.train("aaab aab abab baaa bbba aaaa " * 3, 256 + 9, min_frequency=1, special_tokens=())
+ab_text = st.text(alphabet="ab ", max_size=600)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.one_of(tricky_text, any_text, ab_text), max_size=8))
+def test_fast_engines_agree_with_the_plain_merge_loop(tok, words):
+    for tokenizer in (tok, AB_TOK):
+        ranks = tokenizer.mergeable_ranks()
+        data = [word.encode("utf-8") for word in words if word]
+        expected = [merge(word, ranks) for word in data]
+        assert [fast.merge_long(word, ranks) for word in data] == expected
+        assert fast.merge_batch(data, fast.PairRanks(tokenizer.token_bytes, ranks)) == expected
+        text = "".join(words)
+        cold = load_tokenizer_roundtrip(tokenizer)  # empty caches: many new words, merged in a batch
+        assert cold.encode(text) == plain_encode(tokenizer, text)
+        assert cold.encode(text + " abba") == plain_encode(tokenizer, text + " abba")  # a few, one by one
+        assert cold.encode(text) == tiktoken_of_cached(tokenizer).encode_ordinary(text)
+
+
+def test_plain_merge_loop_on_real_text_with_every_engine(monkeypatch, shakespeare_text, tok):
+    text = shakespeare_text[:30_000]
+    assert load_tokenizer_roundtrip(tok).encode(text) == plain_encode(tok, text)
+    monkeypatch.setattr(fast, "LONG_WORD", 2)  # the heap merges every word of 3+ bytes
+    assert load_tokenizer_roundtrip(tok).encode(text) == plain_encode(tok, text)
+
+
+def test_docstring_examples_hold():
+    assert doctest.testmod(llm.tokenizers.bpe).failed == 0
+
+
+def test_encoding_never_scans_the_whole_word_cache(monkeypatch, tok):
+    """Each call looks up its own words: a scan of the cache (once done per call by a set difference)
+    made encoding line by line 25x slower."""
+    def scanned(self):
+        raise AssertionError("the word cache was iterated")
+
+    fresh = load_tokenizer_roundtrip(tok)
+    monkeypatch.setattr(fast._Memo, "__iter__", scanned)
+    for line in ["First Citizen:\n", "Before we proceed any further, hear me speak.\n", "Speak, speak.\n"]:
+        assert fresh.encode(line) == tiktoken_of_cached(tok).encode_ordinary(line)
+
+
+LOSSY_PATTERNS = [
+    (r"[ -~\n]+", "skips 'ǅ' (U+01C5, Lt)"),  # matches all of an ASCII training text, drops the rest
+    (r"\w+|\s+", "skips '½' (U+00BD, No)"),
+    (r"\S+|[ \t]+", "skips '\\xa0' (U+00A0, Zs)"),
+    (r"[\s\S]|x*", "its alternative 'x*' can match the empty string"),
+    (r"\b|[\s\S]", "its alternative '\\\\b' can match the empty string"),
+    (r"(\w+)|[\s\S]", "has capturing groups"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "message"), LOSSY_PATTERNS)
+def test_patterns_that_would_lose_text_are_refused_when_fitting(pattern: str, message: str) -> None:
+    """`[ -~\\n]+` fitted on ASCII text turned "héllo wörld 日本 🎉" into 'hllo wrld  ' when encoding;
+    `[\\s\\S]|x*` passed fitting and crashed encode. Both are refused before any work now."""
+    config = TokenizerConfig(vocab_size=300, pattern=pattern)
+    with pytest.raises(TokenizerError) as info:
+        BPETokenizer.fit("plain ascii text, nothing else\n" * 20, config)
+    assert str(info.value).startswith(f"params.yaml: tokenizer.pattern = {pattern!r}: ")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("pattern", [r"\w+|\s+|.", r"(?s).", r"\S+|\s+", r"\p{L}+|\p{N}+|[^\p{L}\p{N}]"])
+def test_patterns_that_cover_every_character_are_accepted(pattern: str) -> None:
+    text = "héllo wörld 日本 🎉\n\tx\r\n"
+    tok = BPETokenizer.train(text * 5, 260, pattern=pattern, min_frequency=1)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_encoding_checks_that_the_pieces_cover_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tokenizer whose pattern slipped past the fit-time probe still never drops text silently."""
+    monkeypatch.setattr("llm.tokenizers.patterns.check_lossless", lambda pattern: None)
+    tok = BPETokenizer([], pattern=r"[ -~\n]+", special_tokens=())
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    with pytest.raises(TokenizerError, match="does not cut 'h\u00e9llo'... into pieces that cover it"):
+        tok.encode("h\u00e9llo")

@@ -17,7 +17,7 @@ from llm.config import ModelConfig
 from llm.generate import decode_continuation, generate
 from llm.io import sha256_file
 from llm.model import GPT
-from llm.tokenizers import BPETokenizer, load_tokenizer
+from llm.tokenizers import BPETokenizer, SimpleTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(vocab_size=300, d_model=32, num_heads=2, num_layers=2, d_ff=64, max_seq_length=32,
@@ -68,7 +68,7 @@ def test_generate_streams_the_seeded_continuation(files: dict[str, Path], monkey
     prompt = torch.tensor([tokenizer.encode("ROMEO:")])
     ids = generate(model, prompt, 12, temperature=0.8, top_k=50, top_p=0.95,
                    generator=torch.Generator().manual_seed(5), eot_id=tokenizer.eot_id)[0, prompt.size(1):]
-    expected = decode_continuation(tokenizer, ids.tolist(), tokenizer.eot_id)
+    expected = decode_continuation(tokenizer, prompt[0].tolist(), ids.tolist(), tokenizer.eot_id)
     assert "".join(stdout.writes) == "ROMEO:" + expected + "\n"
     assert len(stdout.writes) > 3  # the prompt, then the continuation piece by piece
 
@@ -84,6 +84,18 @@ def test_streamer_never_prints_half_a_character(files: dict[str, Path], monkeypa
     streamer.finish()
     assert "".join(stdout.writes) == text + "\n"
     assert not any("\ufffd" in piece for piece in stdout.writes)
+
+
+def test_streamer_puts_a_space_between_the_prompt_and_a_word_level_continuation(monkeypatch: MonkeyPatch
+                                                                                 ) -> None:
+    tokenizer = SimpleTokenizer.train("once upon a time there was a cat", vocab_size=11)
+    stdout = Recorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    streamer = _Streamer(tokenizer, tokenizer.eot_id, tokenizer.encode("once upon a time"))
+    for token in tokenizer.encode("there was\na cat"):
+        streamer(torch.tensor([token]))
+    streamer.finish()
+    assert stdout.writes == [" there", " was", "\n", "a", " cat", "\n"]
 
 
 def test_info_prints_config_size_step_and_metrics(files: dict[str, Path], capsys: CaptureFixture) -> None:
@@ -123,7 +135,12 @@ def test_tokenizer_that_does_not_match_the_checkpoint_exits_2(tmp_path: Path, fi
 
 
 BAD_OPTIONS = [(["--prompt", ""], "--prompt is empty"), (["--top-p", "0"], "--top-p"),
-               (["--max-length", "0"], "--max-length"), (["--temperature", "-1"], "--temperature")]
+               (["--max-length", "0"], "--max-length"), (["--temperature", "-1"], "--temperature"),
+               (["--seed", str(2**70)], "--seed = 1180591620717411303424: must be <= 9223372036854775807"),
+               (["--max-length", "100000000000"], "--max-length = 100000000000: must be <= 1048576"),
+               (["--max-length", "1e11"], "llm generate: argument --max-length: invalid int value: '1e11'; "
+                                          "see `llm generate --help`"),
+               (["--devise", "cpu"], "llm: unrecognized arguments: --devise cpu")]
 
 
 @pytest.mark.parametrize(("flags", "needle"), BAD_OPTIONS)
@@ -149,3 +166,38 @@ def test_python_dash_m_runs_the_cli(files: dict[str, Path]) -> None:
     done = subprocess.run([sys.executable, "-m", "llm.cli", "info", str(files["checkpoint"])], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "step: 7" in done.stdout, done.stderr
+
+
+def test_a_tiny_temperature_samples_the_most_likely_tokens(files: dict[str, Path],
+                                                           capsys: CaptureFixture) -> None:
+    """logits / 1e-40 overflowed to +-inf and the draw failed on NaN probabilities; now it is greedy."""
+    assert main(generate_args(files, "--temperature", "1e-40", "--max-length", "30")) == 0
+    tiny = capsys.readouterr().out
+    assert main(generate_args(files, "--temperature", "0", "--max-length", "30")) == 0
+    assert tiny == capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line_and_exit_130(files: dict[str, Path], monkeypatch: MonkeyPatch,
+                                         capsys: CaptureFixture) -> None:
+    def pressed_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llm.generate.generate", pressed_ctrl_c)
+    try:
+        code = main(generate_args(files))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped llm's main as a KeyboardInterrupt traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_early_ends_generate_quietly(files: dict[str, Path]) -> None:
+    """`llm generate | head -c 20`: no BrokenPipeError traceback; the exit status of a SIGPIPE'd writer."""
+    args = generate_args(files, "--max-length", "1000", "--num-samples", "3")
+    process = subprocess.Popen([sys.executable, "-m", "llm.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.read(20)  # then the reader goes away, as `head` does
+    process.stdout.close()
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err) == (141, b"")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from llm.config import Params, load_params, params_from_dict, section_dict
+from llm.config import SECTIONS, Params, load_params, params_from_dict, section_dict
 from llm.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +31,13 @@ INVALID = [
      "params.yaml: tokenizer.pattern = ['gpt2']: must be a string"),
     ("str for list", {"eval": {"splits": "valid"}}, "eval.splits = 'valid': must be a list of strings"),
     ("not finite", {"train": {"learning_rate": float("nan")}}, "train.learning_rate = nan: must be a finite"),
+    ("int beyond floats", {"train": {"beta1": 10**400}}, "train.beta1 = 1000000000000000000000000000000000"),
+    ("huge value cut short", {"model": {"norm": "x" * 10_000}}, "model.norm = 'xxxxxxxx"),
+    ("seed beyond 64 bits", {"generate": {"seed": 2**70}},
+     "params.yaml: generate.seed = 1180591620717411303424: must be <= 9223372036854775807"),
+    ("max_length beyond any context", {"generate": {"max_length": 10**11}},
+     "params.yaml: generate.max_length = 100000000000: must be <= 1048576"),
+    ("key with a newline", {"train": {"a\nb": 1}}, "params.yaml: train.'a\\nb': unknown key"),
     ("negative lr", {"train": {"learning_rate": -0.001}},
      "params.yaml: train.learning_rate = -0.001: must be > 0.0 and <= 1.0"),
     ("dropout > 1", {"model": {"dropout": 1.5}}, "params.yaml: model.dropout = 1.5: must be <= 1.0"),
@@ -51,6 +61,12 @@ INVALID = [
      "params.yaml: data.text_files_dir = '': must name a folder of *.txt files when data.dataset is"),
     ("url without http", {"data": {"dataset": "url", "url": "ftp://example.org/a.txt"}},
      "params.yaml: data.url = 'ftp://example.org/a.txt': must be an http(s) URL when data.dataset is url"),
+    ("url without a host", {"data": {"dataset": "url", "url": "http://"}},
+     "params.yaml: data.url = 'http://': names no host; write it as http(s)://host/path"),
+    ("url with a broken IPv6 host", {"data": {"dataset": "url", "url": "http://[::1"}},
+     "params.yaml: data.url = 'http://[::1': not a valid URL (Invalid IPv6 URL); check its brackets"),
+    ("url with a bad port", {"data": {"dataset": "url", "url": "https://example.org:http/a.txt"}},
+     "data.url = 'https://example.org:http/a.txt': not a valid URL (Port could not be cast"),
     ("bad sha256", {"data": {"sha256": "abc123"}},
      "params.yaml: data.sha256 = 'abc123': must be 64 hex digits"),
     ("two members", {"data": {"members": ["a", "b"]}}, "data.members = ['a', 'b']: must list exactly 3"),
@@ -75,7 +91,7 @@ def test_invalid_config_is_one_clear_line(raw, message):
         params_from_dict(raw)
     text = str(info.value)
     assert message in text, text
-    assert "\n" not in text
+    assert "\n" not in text and len(text) < 400
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
@@ -115,16 +131,61 @@ def test_ints_are_accepted_for_floats_and_exponents_without_a_dot_parse(tmp_path
     assert params.train.min_lr == 2e-5
 
 
-def test_repo_params_yaml_equals_the_defaults():
-    """The consistency check between params.yaml and the dataclasses: every key present, every value equal."""
-    path = PROJECT_ROOT / "params.yaml"
-    assert load_params(path) == Params()
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    expected = {name: section_dict(getattr(Params(), name)) for name in raw}
-    expected["model"].pop("vocab_size")
-    assert raw == expected
-
-
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_params_yaml_not_utf8_or_a_folder_is_one_line(tmp_path):
+    latin1 = _write(tmp_path / "params.yaml", "")
+    latin1.write_bytes(b"generate:\n  prompt: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid UTF-8 at byte 23 \(bad byte 0xe9\); conv"):
+        load_params(latin1)
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"folder.yaml: cannot be read \(Is a directory\)"):
+        load_params(tmp_path / "folder.yaml")
+
+
+def test_a_stage_names_the_declared_section_that_is_missing(tmp_path):
+    path = _write(tmp_path / "params.yaml", "model:\n  d_model: 64\n  num_heads: 4\n")
+    assert load_params(path, sections=("model",)).model.d_model == 64
+    with pytest.raises(ConfigError, match=r"params.yaml: section 'train' is missing; this stage reads it"):
+        load_params(path, sections=("model", "train"))
+    with pytest.raises(ConfigError, match="section 'eval' is missing"):
+        load_params(_write(tmp_path / "empty.yaml", ""), sections=("eval",))
+
+
+# Values of every kind a hand edit or `dvc exp run -S` can put in a key: wrong types, huge and negative
+# numbers, NaN and infinities, odd strings, lists and mappings.
+ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(),
+    st.sampled_from([-1, 0, 1, 2**31, 2**63, 2**64, 2**70, 10**12, 10**400, -(10**400)]),
+    st.floats(), st.sampled_from([float("nan"), float("inf"), -0.0, 1e-320, 1e308]),
+    st.text(max_size=20),
+    st.sampled_from(["", " ", "\n", "\x00", "é", "🎉" * 200, "http://", "http://[::1", "ftp://x/y", "1e5",
+                     ".nan", "gpt4", "rope", "cpu", "[s", "(?", "x*", "~", "yes"]),
+    st.lists(st.one_of(st.text(max_size=4), st.integers(), st.none()), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+KEYS = [(section, spec.name) for section, cls in SECTIONS.items() for spec in fields(cls)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(KEYS), ODD_VALUES, min_size=1, max_size=3),
+       whole_section=st.one_of(st.none(), st.tuples(st.sampled_from(list(SECTIONS)), ODD_VALUES)))
+def test_any_value_in_any_key_loads_or_is_one_config_error_line(tmp_path, changes, whole_section):
+    """Loading succeeds or raises ConfigError, one line that names the file: never another exception."""
+    raw = {name: section_dict(cls()) for name, cls in SECTIONS.items()}
+    for (section, key), value in changes.items():
+        raw[section][key] = value
+    if whole_section is not None:
+        raw[whole_section[0]] = whole_section[1]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    try:
+        params = load_params(path, sections=tuple(SECTIONS))
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(f"{path}: ") and "\n" not in message and len(message) < 1000, message
+    else:
+        assert isinstance(params, Params)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from train_project import make_project, one_thread, outputs, run_train_stage, write_params
+from pipeline_project import write_params
+from train_project import make_project, outputs, run_train_stage
 
 import llm.launch
 from llm.errors import ConfigError
-from llm.launch import relaunch_under_torchrun
+from llm.launch import relaunch_under_torchrun, run_to_the_end
 from llm.train import Ranks, Trainer, train
 from llm.trainlog import read_tsv
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 # Dropout 0: the ranks draw no random masks, so 1 and 2 processes compute the same steps.
 SAME_RUN = {"model": {"dropout": 0.0},
             "train": {"max_steps": 20, "grad_accum_steps": 2, "eval_interval": 10, "checkpoint_interval": 10}}
@@ -44,7 +49,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, shakespeare_text: 
 
 def test_relaunches_under_torchrun_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     commands = []
-    monkeypatch.setattr(llm.launch.subprocess, "call", lambda command: commands.append(command) or 3)
+    monkeypatch.setattr(llm.launch, "run_to_the_end", lambda command: commands.append(command) or 3)
     for name in ("LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert relaunch_under_torchrun(1, "stages/train.py") is None
@@ -53,6 +58,23 @@ def test_relaunches_under_torchrun_only_when_asked(monkeypatch: pytest.MonkeyPat
                          "stages/train.py"]]
     monkeypatch.setenv("LOCAL_RANK", "0")  # already a torchrun worker: train here
     assert relaunch_under_torchrun(4, "stages/train.py") is None
+
+
+def test_the_launcher_passes_sigterm_on_and_returns_the_exit_code_of_its_child(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    child = ("import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+             f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+
+    def terminate_us_when_the_child_is_ready() -> None:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would: to the launcher alone
+
+    previous = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_us_when_the_child_is_ready, daemon=True).start()
+    assert run_to_the_end([sys.executable, "-c", child]) == 143
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_global_batch_must_split_over_ranks_and_micro_batches(tmp_path: Path, shakespeare_text: str) -> None:

@@ -1,7 +1,8 @@
 """Docs consistency: the config dataclasses are the one place defaults live.
 
-params.yaml and the README parameter table are checked against them, and the
-table's "re-runs" column against the stage graph in dvc.yaml. Run this file as a
+The README parameter table is checked against them, and its "re-runs" column against
+the stage graph in dvc.yaml; params.yaml must name every key, with a comment (its
+values are the user's to change, so they are not checked). Run this file as a
 script to print the table for the README: `python tests/test_docs.py`.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llm.config import DERIVED_KEYS, SECTIONS, Params, load_params
+from llm.config import DERIVED_KEYS, SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -111,16 +112,18 @@ def all_fields() -> list[tuple[str, Field]]:
     return [(section, spec) for section, cls in SECTIONS.items() for spec in fields(cls)]
 
 
-def test_params_yaml_equals_defaults() -> None:
-    assert load_params(ROOT / "params.yaml") == Params()
-
-
-def test_params_yaml_spells_out_every_key() -> None:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+def test_params_yaml_names_every_key_with_a_comment() -> None:
+    """The user's params.yaml: every key present and explained; its values are the user's, not checked."""
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    raw = yaml.safe_load(text)
     assert list(raw) == list(SECTIONS), "params.yaml sections differ from llm/config.py (or their order)"
     for section, cls in SECTIONS.items():
         expected = [f.name for f in fields(cls) if (section, f.name) not in DERIVED_KEYS]
         assert sorted(raw[section]) == sorted(expected), f"params.yaml section {section!r} keys"
+    key_lines = [line for line in text.splitlines() if re.match(r"^  \w+:", line)]
+    assert len(key_lines) == sum(len(keys) for keys in raw.values())
+    uncommented = [line.split(":")[0].strip() for line in key_lines if not re.search(r"\s#\s*\S", line)]
+    assert not uncommented, f"params.yaml keys without a comment: {uncommented}"
 
 
 def test_readme_table_lists_every_field_once() -> None:
@@ -143,8 +146,9 @@ def test_readme_table_matches_generated() -> None:
 
 
 def test_rerun_column_follows_dvc_yaml() -> None:
-    assert stages_rerun_by("train") == ["train", "evaluate"]
-    assert stages_rerun_by("tokenizer") == ["fit_tokenizer", "encode", "train", "evaluate"]
+    assert stages_rerun_by("train") == ["train", "evaluate", "samples"]
+    assert stages_rerun_by("tokenizer") == ["fit_tokenizer", "encode", "train", "evaluate", "samples"]
+    assert stages_rerun_by("generate") == ["samples"]
     assert stages_rerun_by("runtime") == []
 
 

@@ -173,6 +173,22 @@ def test_checksum_mismatch_leaves_no_raw_and_names_both_sums(tmp_path, server, w
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]  # no temp folder left
 
 
+def test_a_corrupt_partial_download_is_downloaded_again_not_offered_as_the_checksum(tmp_path, server,
+                                                                                    wiki_zip):
+    """A .part whose bytes went bad before a resume gives a file that differs: the answer is a fresh download,
+    not "accept its checksum"; only a fresh download that still differs offers that."""
+    target = cache_path(server.url(ZIP_PATH), tmp_path / "cache")
+    target.parent.mkdir()
+    target.with_name(target.name + ".part").write_bytes(b"\0" * 1000)  # not the file's first 1000 bytes
+    _run(tmp_path, sha256=_wiki_sha(wiki_zip))
+    assert target.read_bytes() == wiki_zip
+    assert [headers.get("Range") for _, headers in server.requests] == ["bytes=1000-", None]
+    server.files[ZIP_PATH] = wiki_zip[:-1] + b"?"  # the server's file itself differs: offer to accept it
+    with pytest.raises(DataError, match=r"actual [0-9a-f]{64} \(a fresh, complete download\); if you trust"):
+        _run(tmp_path, sha256="ab" * 32)
+    assert len(server.requests) == 3  # one fresh download: it was not resumed, so it is not retried
+
+
 def test_pinned_default_checksum_applies_to_wikitext_2_raw(tmp_path, server, wiki_zip):
     with pytest.raises(DataError, match=f"expected {PINNED_SHA256['wikitext-2-raw-v1']}"):
         _run(tmp_path)
@@ -308,3 +324,48 @@ def test_stage_script_bad_param_is_one_line_and_exit_2(tmp_path):
 def test_defaults_point_at_wikitext_2_raw():
     assert Params().data.dataset == "wikitext-2-raw-v1"
     assert wikitext_members("wikitext-103-raw-v1")[0] == "wikitext-103-raw/wiki.train.raw"
+
+
+@pytest.mark.parametrize(("location", "needle"), [
+    ("file:///etc/passwd", "No connection adapters were found for 'file:///etc/passwd'"),
+    ("ftp://127.0.0.1/corpus.txt", "No connection adapters were found for 'ftp://127.0.0.1/corpus.txt'"),
+    ("/loop", "more than 10 redirects (a redirect loop?)"),
+])
+def test_redirects_to_other_schemes_and_loops_are_one_error(tmp_path, location, needle):
+    with serve({}, forbid_agent_prefix="") as srv:
+        srv.redirects = {"/corpus.txt": location, "/loop": "/corpus.txt"}
+        url = srv.url("/corpus.txt")
+        with pytest.raises(DataError) as info:
+            _run(tmp_path, dataset="url", url=url)
+    assert str(info.value).startswith(f"{url}: ") and needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_response_that_never_ends_stops_at_max_bytes(tmp_path):
+    """An endless body wrote 11 GB into data/cache in 15 s; now it stops at data.max_bytes, leaving none."""
+    with serve({}, forbid_agent_prefix="") as srv:
+        srv.faults["/endless.txt"] = ["endless"]
+        url = srv.url("/endless.txt")
+        with pytest.raises(DataError, match=rf"^{url}: the response goes on past 1,000,000 bytes, more than "
+                                            r"data.max_bytes \(1,000,000\); raise data.max_bytes"):
+            _run(tmp_path, dataset="url", url=url, max_bytes=1_000_000)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_download_the_server_says_is_too_big_is_refused_before_the_body(tmp_path, wiki_zip):
+    expected = f"the server says it is {len(wiki_zip):,} bytes, more than data.max_bytes"
+    with serve({"/big.zip": wiki_zip}, forbid_agent_prefix="") as server, \
+            pytest.raises(DataError, match=expected):
+        _run(tmp_path, dataset="url", url=server.url("/big.zip"), max_bytes=len(wiki_zip) - 1)
+
+
+def test_a_gzip_bomb_stops_at_max_bytes_of_text(tmp_path):
+    """A small .gz that inflates to far more text than data.max_bytes is refused while it is read."""
+    bomb = gzip.compress(b"a" * (8 << 20), compresslevel=9)  # 8 MiB of text in ~8 KB, one line
+    assert len(bomb) < 100_000
+    with serve({"/bomb.txt.gz": bomb}, forbid_agent_prefix="") as srv:
+        url = srv.url("/bomb.txt.gz")
+        with pytest.raises(DataError, match=rf"^data.max_bytes = 1000000: {url} holds more text than that "
+                                            r"\(after decompression\)"):
+            _run(tmp_path, dataset="url", url=url, max_bytes=1_000_000)
+    assert not (tmp_path / "data" / "raw").exists()

@@ -95,7 +95,7 @@ def test_stage_bad_input_is_one_line_and_exit_2(project: Path, breakage: str, me
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
     assert re.search(message, result.stderr), result.stderr
     assert not (data / "shards").exists()
-    assert not list(data.glob(".shards-tmp-*"))
+    assert not list(data.glob(".tmp-shards-*"))
 
 
 @pytest.mark.slow
@@ -107,12 +107,12 @@ def test_run_killed_midway_is_redone_identically(project: Path, tmp_path_factory
     killed = subprocess.Popen(STAGE, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.monotonic() + 60
-    while not list((project / "data").glob(".shards-tmp-*/shards/train/shard_00001.npy")):
+    while not list((project / "data").glob(".tmp-shards-*/shards/train/shard_00001.npy")):
         assert killed.poll() is None and time.monotonic() < deadline, "the stage ended before the kill"
         time.sleep(0.01)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    assert list((project / "data").glob(".shards-tmp-*")) and not (project / "data" / "shards").exists()
+    assert list((project / "data").glob(".tmp-shards-*")) and not (project / "data" / "shards").exists()
     for directory in (project, fresh):
         result = run_encode(directory)
         assert result.returncode == 0, result.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
 import shutil
 import subprocess
 import sys
@@ -13,20 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from train_project import outputs, run_stage_in_process, write_params, write_shards
 
-from llm.checkpoint import load_model_file, save_model_file
+from llm.checkpoint import load_model_file
 from llm.config import GenerateConfig, ModelConfig
+from llm.encode import encode_corpus
 from llm.errors import DataError
-from llm.evaluate import evaluate_split, evaluate_splits, samples_report, window_plan
-from llm.io import sha256_file
+from llm.evaluate import evaluate_split, evaluate_splits, unk_notes, window_plan
+from llm.generate import samples_report
 from llm.model import GPT
-from llm.shards import TokenShards, encode_corpus
-from llm.tokenizers import BPETokenizer, load_tokenizer
+from llm.plots import plot_loss
+from llm.shards import TokenShards
+from llm.tokenizers import SimpleTokenizer, load_tokenizer
+from llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = {"d_model": 32, "num_heads": 2, "num_layers": 2, "d_ff": 64, "max_seq_length": 32,
-              "dropout": 0.0}
 
 
 class UniformModel(torch.nn.Module):
@@ -41,29 +41,11 @@ class UniformModel(torch.nn.Module):
         return torch.zeros(*idx.shape, self.config.vocab_size) + self.anchor
 
 
-def write_byte_shards(folder: Path, splits: dict[str, str]) -> Path:
-    """Shards whose tokens are the UTF-8 bytes of each text (vocab 256), in llm.shards' format."""
-    meta = {"format_version": 1, "tokenizer_sha256": "0" * 64, "vocab_size": 256, "eot_id": None,
-            "dtype": "uint16", "splits": {}}
-    for split, text in splits.items():
-        raw = text.encode("utf-8")
-        (folder / split).mkdir(parents=True)
-        halves = np.array_split(np.frombuffer(raw, dtype=np.uint8).astype(np.uint16), 2)
-        names = [f"{split}/{i}.npy" for i in range(2)]
-        for name, half in zip(names, halves):
-            np.save(folder / name, half)
-        meta["splits"][split] = {"num_tokens": len(raw), "num_bytes": len(raw),
-                                 "num_words": len(text.split()) + text.count("\n"),
-                                 "num_lines": text.count("\n"), "shards": names}
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def byte_shards(tmp_path_factory: pytest.TempPathFactory, wikitext_valid: Path) -> Path:
+    """Byte-token shards of WikiText: 3,000-byte valid and test splits."""
     text = wikitext_valid.read_text(encoding="utf-8")
-    splits = {"valid": text[:3000], "test": text[3000:3500]}
-    return write_byte_shards(tmp_path_factory.mktemp("shards"), splits)
+    return write_shards(tmp_path_factory.mktemp("project"), text, train_bytes=1000, valid_bytes=3000)
 
 
 def test_uniform_model_metrics_match_hand_computation(byte_shards: Path) -> None:
@@ -75,11 +57,30 @@ def test_uniform_model_metrics_match_hand_computation(byte_shards: Path) -> None
         assert metrics[f"{split}_tokens"] == scored
         assert metrics[f"{split}_loss"] == pytest.approx(math.log(vocab), rel=1e-6)
         assert metrics[f"{split}_ppl"] == pytest.approx(vocab, rel=1e-5)
-        total_nats = scored * math.log(vocab)
-        bpb = total_nats / (math.log(2) * info["num_bytes"])
-        word_ppl = math.exp(total_nats / info["num_words"])
-        assert metrics[f"{split}_bpb"] == pytest.approx(bpb, rel=1e-6)
+        # ln(256) nats a token is 8 bits a byte (one token per byte), spread over the split's words
+        assert metrics[f"{split}_bpb"] == pytest.approx(8.0, rel=1e-6)
+        word_ppl = math.exp(math.log(vocab) * info["num_tokens"] / info["num_words"])
         assert metrics[f"{split}_word_ppl"] == pytest.approx(word_ppl, rel=1e-5)
+        assert metrics[f"{split}_unk_rate"] == 0  # a byte-level BPE represents every text
+    assert unk_notes(metrics) == []
+
+
+def test_unk_rate_is_the_share_of_words_outside_the_vocabulary(tmp_path: Path) -> None:
+    """valid: 8 words on 2 lines, 2 of them unknown (dog, log): 2 <unk> in 10 tokens."""
+    texts = {"train": "the cat sat on the mat\n", "valid": "the dog sat on the log\nthe cat\n",
+             "test": "the cat sat on the mat\n"}
+    (tmp_path / "raw").mkdir()
+    for split, text in texts.items():
+        (tmp_path / "raw" / f"{split}.txt").write_text(text, encoding="utf-8")
+    tokenizer = SimpleTokenizer.train(texts["train"], vocab_size=9)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    encode_corpus(tmp_path / "raw", tmp_path / "tokenizer.json", tmp_path / "shards", shard_tokens=64,
+                  num_workers=1)
+    metrics = evaluate_splits(UniformModel(tokenizer.vocab_size, 4), tmp_path / "shards", ["valid", "test"])
+    assert metrics["valid_unk_rate"] == pytest.approx(2 / 10) and metrics["test_unk_rate"] == 0
+    [note] = unk_notes(metrics)
+    assert note.startswith("note: 20.0% of the valid tokens are <unk>: valid_bpb and valid_word_ppl")
+    assert "not comparable" in note
 
 
 @pytest.mark.parametrize(("num_tokens", "window", "stride"),
@@ -119,8 +120,8 @@ def test_stride_equal_to_window_is_non_overlapping_and_batching_does_not_matter(
 
 def test_stride_one_scores_each_token_with_its_full_context(tmp_path: Path, wikitext_valid: Path) -> None:
     model = tiny_gpt()
-    text = wikitext_valid.read_text(encoding="utf-8")[:60]
-    shards = TokenShards(write_byte_shards(tmp_path, {"test": text}), "test")
+    text = wikitext_valid.read_text(encoding="utf-8")[:130]
+    shards = TokenShards(write_shards(tmp_path, text, train_bytes=10, valid_bytes=60), "test")
     tokens = torch.from_numpy(shards.read(0, len(shards)))
     expected = 0.0
     with torch.no_grad():
@@ -135,75 +136,41 @@ def test_stride_one_scores_each_token_with_its_full_context(tmp_path: Path, wiki
 
 
 def test_missing_split_is_a_clear_error(byte_shards: Path) -> None:
-    with pytest.raises(DataError, match="no split 'train'"):
-        evaluate_splits(UniformModel(256, 8), byte_shards, ["train"])
+    with pytest.raises(DataError, match="no split 'dev'"):
+        evaluate_splits(UniformModel(256, 8), byte_shards, ["dev"])
 
 
-# --- the evaluate stage, end to end, on a tiny trained model -------------------------------------------
+# --- the evaluate and samples stages, end to end, on a tiny trained model ------------------------------
 
-def make_eval_project(root: Path, text: str, steps: int = 30) -> Path:
-    """A project folder with params.yaml, a BPE tokenizer, shards, a briefly trained models/model.pt
-    and training logs: everything the evaluate stage and `llm generate` read."""
-    raw = root / "data" / "raw"
-    raw.mkdir(parents=True)
-    parts = {"train": text[:20000], "valid": text[20000:24000], "test": text[24000:27000]}
-    for split, part in parts.items():
-        (raw / f"{split}.txt").write_text(part, encoding="utf-8")
-    tokenizer_path = root / "data" / "tokenizer.json"
-    BPETokenizer.train(parts["train"], vocab_size=300, num_workers=1).save(tokenizer_path)
-    encode_corpus(raw, tokenizer_path, root / "data" / "shards", shard_tokens=1024, num_workers=1)
-    config = ModelConfig(vocab_size=300, **TINY_MODEL)
-    torch.manual_seed(0)
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train = TokenShards(root / "data" / "shards", "train")
-    starts = np.random.default_rng(0).integers(0, len(train) - 33, size=(steps, 8))
-    for batch in starts:
-        windows = torch.from_numpy(np.stack([train.read(int(s), 33) for s in batch]))
-        loss = model(windows[:, :-1], windows[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    save_model_file(root / "models" / "model.pt", model, config, sha256_file(tokenizer_path),
-                    {"step": steps, "metrics": {"val_loss": 4.0},
-                     "params": {"model": TINY_MODEL, "train": {"learning_rate": 3e-3}}})
-    (root / "metrics").mkdir()
-    rows = "".join(f"{s}\t{6 - s / 10}\t0.003\t1000\n" for s in range(1, 31))
-    (root / "metrics" / "train_log.tsv").write_text("step\ttrain_loss\tlr\ttokens_per_sec\n" + rows)
-    (root / "metrics" / "val_log.tsv").write_text("step\tval_loss\tval_bpb\n10\t5.5\t3.1\n30\t4.0\t2.5\n")
-    params = {"model": TINY_MODEL, "eval": {"batch_size": 4, "stride": 16},
-              "generate": {"prompt": "ROMEO:", "max_length": 20, "num_samples": 2, "temperature": 0.8},
-              "runtime": {"device": "cpu", "precision": "fp32", "progress": False}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    return root
-
-
-@pytest.fixture(scope="module")
-def eval_project(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
-    return make_eval_project(tmp_path_factory.mktemp("project"), shakespeare.read_text(encoding="utf-8"))
-
-
-def run_stage_script(project: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py")], cwd=project,
+def run_stage_script(project: Path, stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=project,
                           capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
-def test_evaluate_stage_writes_metrics_plot_and_samples(eval_project: Path) -> None:
-    done = run_stage_script(eval_project)
+def test_evaluate_stage_writes_metrics_and_plot(eval_project: Path) -> None:
+    done = run_stage_script(eval_project, "evaluate")
     assert done.returncode == 0, done.stderr
     metrics = json.loads((eval_project / "metrics" / "eval.json").read_text())
     for split in ("valid", "test"):
-        assert set(metrics) >= {f"{split}_{key}" for key in ("loss", "ppl", "bpb", "word_ppl", "tokens")}
+        assert set(metrics) >= {f"{split}_{key}"
+                                for key in ("loss", "ppl", "bpb", "word_ppl", "tokens", "unk_rate")}
         assert 0 < metrics[f"{split}_loss"] < math.log(300)  # trained: better than uniform
         assert metrics[f"{split}_ppl"] == pytest.approx(math.exp(metrics[f"{split}_loss"]))
     assert (eval_project / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (eval_project / "reports").exists()  # samples are the samples stage's
+
+
+@pytest.mark.slow
+def test_samples_stage_writes_seeded_samples_headed_by_their_settings(eval_project: Path) -> None:
+    done = run_stage_script(eval_project, "samples")
+    assert done.returncode == 0, done.stderr
     samples = (eval_project / "reports" / "samples.txt").read_text(encoding="utf-8")
     for setting in ("prompt: 'ROMEO:'", "max_length: 20", "temperature: 0.8", "top_k: 0", "top_p: 1.0",
                     "seed: 1337", "checkpoint step: 30"):
         assert setting in samples
     assert samples.count("=== sample") == 2 and samples.count("\nROMEO:") == 2
-    # Deterministic: the same model and data give the same samples (metrics: see the batching test).
+    # Deterministic: the same model and settings give the same samples.
     model, payload = load_model_file(eval_project / "models" / "model.pt")
     tokenizer = load_tokenizer(eval_project / "data" / "tokenizer.json")
     settings = GenerateConfig(prompt="ROMEO:", max_length=20, num_samples=2, temperature=0.8)
@@ -211,18 +178,62 @@ def test_evaluate_stage_writes_metrics_plot_and_samples(eval_project: Path) -> N
     assert samples_report(model, tokenizer, settings, 30) == samples
 
 
-def test_evaluate_stage_refuses_a_tokenizer_that_does_not_match(tmp_path: Path, eval_project: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_samples_stage_refuses_a_tokenizer_that_does_not_match(tmp_path: Path, eval_project: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(eval_project, project)
+    shutil.rmtree(project / "reports", ignore_errors=True)  # the other test may have written it
+    tokenizer = project / "data" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    assert run_stage_in_process(project, "samples", monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.json" in err and "does not match" in err
+    assert not (project / "reports").exists()
+
+
+def test_evaluate_stage_refuses_shards_of_another_tokenizer(tmp_path: Path, eval_project: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
     project = tmp_path / "project"
     shutil.copytree(eval_project, project)
     (project / "metrics" / "eval.json").unlink(missing_ok=True)  # the other test may have written one
-    tokenizer = project / "data" / "tokenizer.json"
-    tokenizer.write_text(tokenizer.read_text(encoding="utf-8") + "\n", encoding="utf-8")
-    monkeypatch.chdir(project)
-    with pytest.raises(SystemExit) as exited:
-        runpy.run_path(str(ROOT / "stages" / "evaluate.py"), run_name="__main__")
-    assert exited.value.code == 2
+    meta_path = project / "data" / "shards" / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["tokenizer_sha256"] = "f" * 64
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    assert run_stage_in_process(project, "evaluate", monkeypatch) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "tokenizer.json" in err and "does not match" in err
+    assert err.count("\n") == 1 and "models/model.pt: trained with tokenizer" in err
+    assert "meta.json was encoded with ffffffffffff" in err
     assert not (project / "metrics" / "eval.json").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "training log not found"),
+    ("step\tval_loss\n1\t2.0\n", "no column train_loss, lr"),
+    ("step\ttrain_loss\tlr\n1\tnan?\t0.1\n", "not a numeric log"),
+    ("step\ttrain_loss\tlr\n1\t2.0\n", "not a numeric log"),  # a row cut short
+])
+def test_plot_of_a_missing_or_broken_log_is_a_data_error(tmp_path: Path, content: str | None,
+                                                         message: str) -> None:
+    log = tmp_path / "train_log.tsv"
+    if content is not None:
+        log.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        plot_loss(log, log, tmp_path / "loss.png", "title")
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_training_val_bpb_and_evaluate_valid_bpb_are_one_definition(tmp_path: Path, shakespeare_text: str
+                                                                     ) -> None:
+    """Scoring the same tokens (every validation window, a split that full windows cover exactly), the
+    trainer's last val_bpb and the evaluate stage's valid_bpb of the final model are the same number."""
+    write_shards(tmp_path, shakespeare_text, valid_bytes=16 * 128 + 1)  # 128 windows of 16 (+1 target)
+    params = write_params(tmp_path, train={"eval_batches": 0})
+    metrics = train(params, **outputs(tmp_path))
+    model, _ = load_model_file(tmp_path / "models" / "model.pt")
+    evaluated = evaluate_splits(model, tmp_path / "data" / "shards", ["valid"])
+    assert evaluated["valid_tokens"] == 16 * 128
+    assert evaluated["valid_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
+    assert evaluated["valid_bpb"] == pytest.approx(metrics["val_bpb"], rel=1e-5)

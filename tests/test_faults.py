@@ -14,15 +14,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
-from pipeline_project import build_project, dvc, set_param, stages_ran, subprocess_env
+from pipeline_project import build_project, dvc, edit_params, read_params, stages_ran, subprocess_env
 
 import llm.checkpoint
 from llm.checkpoint import read_checkpoint, save_training_checkpoint
 from llm.config import load_params
-from llm.errors import CheckpointError
+from llm.errors import CheckpointError, OutputError
 from llm.train import lr_at, train
 from llm.trainlog import read_tsv
 
@@ -152,16 +153,32 @@ def test_killed_training_resumes_to_the_uninterrupted_model(shards: Path, interr
     assert_same_weights(resumed, model_tensors(project / "models/model.pt"))
 
 
+def test_code_edit_after_a_kill_starts_fresh(shards: Path, interrupted: Path) -> None:
+    project = shards
+    restore_checkpoint(project, interrupted)
+    model_py = project / "llm" / "model.py"
+    original = model_py.read_text(encoding="utf-8")
+    model_py.write_text(original + "\n# an edit\n", encoding="utf-8")
+    try:
+        output = dvc(project, "repro", "train").stdout
+    finally:
+        model_py.write_text(original, encoding="utf-8")
+    assert stages_ran(output) == ["train"], output
+    assert "not resuming from checkpoints/last.pt: the code changed (llm/model.py); starting fresh" in output
+    assert f"step {TRAIN_STEPS}/{TRAIN_STEPS} |" in output
+
+
 def test_param_change_after_a_kill_starts_fresh(shards: Path, interrupted: Path) -> None:
     project = shards
     restore_checkpoint(project, interrupted)
-    set_param(project, "train.learning_rate", 0.001)
+    before = read_params(project)["train"]["learning_rate"]
+    edit_params(project, train={"learning_rate": before / 2})
 
     output = dvc(project, "repro", "train").stdout
     assert stages_ran(output) == ["train"], output
-    assert "not resuming from checkpoints/last.pt: train.learning_rate 0.0003 -> 0.001" in output
+    assert f"not resuming from checkpoints/last.pt: train.learning_rate {before} -> {before / 2}" in output
     assert "starting fresh" in output
-    # Every logged step used the new schedule: nothing of the killed run (peak 0.0003) was kept.
+    # Every logged step used the new schedule: nothing of the killed run (the old peak) was kept.
     cfg = load_params(project / "params.yaml").train
     rows = read_tsv(project / "metrics/train_log.tsv")
     assert [row["step"] for row in rows] == list(range(1, TRAIN_STEPS + 1))
@@ -173,8 +190,8 @@ def test_checkpoint_folder_that_is_a_file_is_a_clear_error(shards: Path, tmp_pat
     project = shards
     blocker = tmp_path / "checkpoints"
     blocker.write_text("a file where the folder should be\n")
-    expected = f"{re.escape(str(blocker))}: cannot write there .*make it a writable folder"
-    with pytest.raises(CheckpointError, match=expected):
+    expected = f"{re.escape(str(blocker))}: is a file, but .* must be written inside it as a folder"
+    with pytest.raises(OutputError, match=expected):
         train(load_params(project / "params.yaml"), shards_dir=project / "data/shards",
               tokenizer_path=project / "data/tokenizer.json", checkpoint_dir=blocker,
               model_path=tmp_path / "models/model.pt", metrics_dir=tmp_path / "metrics")
@@ -197,8 +214,8 @@ def test_save_failing_midway_keeps_the_previous_checkpoint(tmp_path: Path,
     path = tmp_path / "checkpoints" / "last.pt"
     save_training_checkpoint(path, tiny_checkpoint(1.0))
 
-    def disk_full(obj: object, target: Path) -> None:
-        Path(target).write_bytes(b"PK\x03\x04 half a checkpoint")
+    def disk_full(obj: object, file: BinaryIO) -> None:
+        file.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(llm.checkpoint.torch, "save", disk_full)

@@ -20,13 +20,7 @@ VARIANTS = [(p, n, a) for p in POSITIONS for n, a in (("rmsnorm", "relu2"), ("la
     ("rope", "rmsnorm", "swiglu")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (no OpenMP barriers on a busy machine); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> ModelConfig:

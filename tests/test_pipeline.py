@@ -1,4 +1,4 @@
-"""End to end: the five stages under real DVC, caching, re-runs by params section, experiments.
+"""End to end: the six stages under real DVC, caching, re-runs by params section, experiments.
 
 One tiny project is built per module and the checks run in order on it, each
 leaving the project in the state the next one expects (the first repro is the
@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 from pipeline_project import (
     STAGES,
+    TINY_PARAMS,
+    assert_renders_offline,
     build_project,
     commit_all,
     dvc,
+    edit_params,
     git,
     run,
-    set_param,
     stages_ran,
     stages_skipped,
 )
@@ -95,9 +97,18 @@ def test_second_repro_runs_nothing(project: Path, first_repro: str) -> None:
 
 
 def test_runtime_knob_reruns_nothing(project: Path, first_repro: str) -> None:
-    set_param(project, "runtime.log_interval", 3)
+    edit_params(project, runtime={"log_interval": 3})
     assert_nothing_ran(dvc(project, "repro").stdout)
     git(project, "checkout", "--", "params.yaml")
+
+
+def test_forced_train_of_a_finished_run_trains_to_the_same_bytes(project: Path, first_repro: str) -> None:
+    before = (project / "models/model.pt").read_bytes()
+    output = dvc(project, "repro", "--force", "--single-item", "train").stdout
+    assert stages_ran(output) == ["train"], output
+    assert "not resuming from checkpoints/last.pt: its run is finished (step 8/8)" in output
+    assert "step 8/8 |" in output  # it trained
+    assert (project / "models/model.pt").read_bytes() == before  # same params and seed: same file, same hash
 
 
 def run_experiment(project: Path, name: str, setting: str) -> list[str]:
@@ -107,8 +118,8 @@ def run_experiment(project: Path, name: str, setting: str) -> list[str]:
     return stages_ran(output)
 
 
-def test_learning_rate_reruns_train_and_evaluate(project: Path, first_repro: str) -> None:
-    assert run_experiment(project, "lr-high", "train.learning_rate=0.01") == ["train", "evaluate"]
+def test_learning_rate_reruns_train_and_what_reads_the_model(project: Path, first_repro: str) -> None:
+    assert run_experiment(project, "lr-high", "train.learning_rate=0.01") == ["train", "evaluate", "samples"]
 
 
 def test_metrics_diff_shows_the_change(project: Path, first_repro: str) -> None:
@@ -117,23 +128,23 @@ def test_metrics_diff_shows_the_change(project: Path, first_repro: str) -> None:
     assert {"train_loss", "valid_loss", "test_bpb"} <= changed, diff
 
 
-def test_plots_show_writes_html(project: Path, first_repro: str, tmp_path: Path) -> None:
+def test_plots_show_writes_html_that_renders_offline(project: Path, first_repro: str, tmp_path: Path) -> None:
     dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
-    html = (tmp_path / "plots" / "index.html").read_text(encoding="utf-8")
-    assert "train_loss" in html and "val_loss" in html
+    assert_renders_offline(tmp_path / "plots" / "index.html")
 
 
 def test_vocab_size_reruns_everything_after_download(project: Path, first_repro: str) -> None:
     git(project, "checkout", "--", "params.yaml")  # back to the committed baseline
     ran = run_experiment(project, "vocab-320", "tokenizer.vocab_size=320")
-    assert ran == ["fit_tokenizer", "encode", "train", "evaluate"]
+    assert ran == ["fit_tokenizer", "encode", "train", "evaluate", "samples"]
     assert read_json(project / "data/tokenizer.json")["vocab_size"] == 320
 
 
 def test_experiments_are_listed_with_params_and_metrics(project: Path, first_repro: str) -> None:
     rows = experiment_rows(json.loads(dvc(project, "exp", "show", "--json").stdout))
     assert {"lr-high", "vocab-320"} <= set(rows), f"experiments listed: {sorted(rows)}"
-    for name, rate, vocab in (("lr-high", 0.01, 300), ("vocab-320", 0.0003, 320)):
+    baseline_rate = TINY_PARAMS["train"]["learning_rate"]  # the project's own params, not the defaults
+    for name, rate, vocab in (("lr-high", 0.01, 300), ("vocab-320", baseline_rate, 320)):
         params = rows[name]["params"]["params.yaml"]["data"]
         assert (params["train"]["learning_rate"], params["tokenizer"]["vocab_size"]) == (rate, vocab)
     metrics = {name: rows[name]["metrics"]["metrics/eval.json"]["data"] for name in ("lr-high", "vocab-320")}

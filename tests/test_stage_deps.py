@@ -11,8 +11,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-# Imports a stage never runs: llm/shards.py loads the tokenizer lazily, in encode-only functions.
-NOT_RUN = {"train": {"llm/tokenizers"}}
 
 
 def module_path(name: str) -> Path:
@@ -56,7 +54,23 @@ def test_every_imported_llm_module_is_a_dependency_of_the_stage(stage: str) -> N
     script = ROOT / "stages" / f"{stage}.py"
     assert script in deps
     needed = {f for f in closure(script) if f.name != "__init__.py" or f.parent != ROOT / "llm"}
-    deps += [ROOT / path for path in NOT_RUN.get(stage, ())]
     missing = sorted(str(f.relative_to(ROOT)) for f in needed
                      if not any(f == dep or dep in f.parents for dep in deps))
     assert not missing, f"dvc.yaml stage {stage!r} lacks deps {missing}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_no_stage_depends_on_llm_code_it_does_not_import(stage: str) -> None:
+    """An extra dep re-runs the stage for nothing: e.g. an edit of the encoder must not retrain."""
+    needed = closure(ROOT / "stages" / f"{stage}.py")
+    extra = [dep for dep in STAGES[stage]["deps"] if dep.startswith("llm/")
+             and not any(f == ROOT / dep or ROOT / dep in f.parents for f in needed)]
+    assert not extra, f"dvc.yaml stage {stage!r} depends on {extra}, which its script never imports"
+
+
+def test_training_code_excludes_the_encoder_and_the_tokenizers() -> None:
+    """Train and evaluate read shards of token ids: editing how text becomes ids re-runs encode only."""
+    for stage in ("train", "evaluate"):
+        needed = closure(ROOT / "stages" / f"{stage}.py")
+        assert ROOT / "llm" / "encode.py" not in needed, stage
+    assert not any(ROOT / "llm" / "tokenizers" in f.parents for f in closure(ROOT / "stages" / "train.py"))

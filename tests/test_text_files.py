@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from llm.config import DataConfig
+from llm.config import SPLITS, DataConfig
 from llm.data import prepare_raw
 from llm.data.splits import assign_files, line_ranges
 from llm.data.text import iter_text
 from llm.errors import DataError
-
-SPLITS = ("train", "valid", "test")
 
 
 def _prepare(tmp_path: Path, folder: Path, out: str = "raw", **data) -> dict[str, bytes]:
@@ -118,7 +117,7 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path):
     folder = tmp_path / "latin1"
     folder.mkdir()
     (folder / "input.txt").write_bytes(b"ok line\n" * 1000 + "caf\u00e9\n".encode("latin-1"))
-    expected = r"latin1/input\.txt: not UTF-8 text \(bad byte 0xe9 at byte offset 8003\)"
+    expected = r"latin1/input\.txt: not valid UTF-8 at byte 8003 \(bad byte 0xe9\)"
     with pytest.raises(DataError, match=expected):
         _prepare(tmp_path, folder)
     assert not (tmp_path / "out" / "raw").exists()
@@ -126,7 +125,7 @@ def test_non_utf8_file_names_file_and_byte_offset(tmp_path):
 
 def test_byte_offset_is_exact_across_chunk_boundaries():
     data = "\u00e9".encode() * 10 + b"\xff"
-    with pytest.raises(DataError, match="at byte offset 20"):
+    with pytest.raises(DataError, match="at byte 20 "):
         list(iter_text(io.BytesIO(data), "x", chunk_bytes=3))
 
 
@@ -135,7 +134,59 @@ def test_iter_text_normalises_newlines_split_across_chunks_and_drops_a_bom():
     for size in range(1, 8):
         pieces = list(iter_text(io.BytesIO(data), "x", chunk_bytes=size))
         assert "".join(pieces) == "a\nb\nc\n\u00e9\n"
-        assert all(p.endswith("\n") for p in pieces)
+        if size > 3:  # every line fits in a read: pieces end on newlines
+            assert all(p.endswith("\n") for p in pieces)
+
+
+class OneLine:
+    """A stream of one line, `unit` repeated `times` times (no newline), made as it is read."""
+
+    def __init__(self, unit: bytes, times: int) -> None:
+        self.unit, self.position, self.size = unit, 0, len(unit) * times
+
+    def read(self, count: int) -> bytes:
+        count = min(count, self.size - self.position)
+        skip = self.position % len(self.unit)
+        self.position += count
+        return (self.unit * ((skip + count) // len(self.unit) + 1))[skip:skip + count]
+
+
+@pytest.mark.parametrize("unit", [b"lorem ipsum ", b"x", "\u65e5\u672c".encode()])
+def test_one_long_line_streams_in_bounded_memory(unit):
+    """A 16 MB line used to be carried whole and rescanned on every read: quadratic time (39 s for
+    200 MB) and memory that grew with the line. Pieces are now cut on whitespace, else anywhere."""
+    chunk = 1 << 18
+    tracemalloc.start()
+    try:
+        total = peak_piece = 0
+        line = OneLine(unit, (16 << 20) // len(unit))
+        for piece in iter_text(line, "x", chunk_bytes=chunk):
+            total, peak_piece = total + len(piece.encode()), max(peak_piece, len(piece))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == line.size
+    assert peak_piece <= 2 * chunk and peak < 16 * chunk
+
+
+def test_word_and_line_counts_stay_exact_when_lines_are_cut(tmp_path):
+    """Lines longer than a read (1 MiB) reach the splits in pieces: a word cut between two pieces still
+    counts once, and every line goes whole to one split."""
+    long_words = "word " * 300_000  # 1.5 MB of words on one line
+    one_word = "y" * 1_500_000  # a 1.5 MB word: cut anywhere
+    lines = [f"line {i}\n" for i in range(40)]
+    text = "".join(lines[:20]) + long_words + "\n" + one_word + " tail\n" + "".join(lines[20:]) + one_word
+    folder = tmp_path / "long"
+    folder.mkdir()
+    (folder / "input.txt").write_text(text)
+    config = DataConfig(dataset="text_files", text_files_dir=str(folder), val_fraction=0.1, test_fraction=0.1)
+    stats = prepare_raw(config, tmp_path / "raw", progress=False)
+    out = {split: (tmp_path / "raw" / f"{split}.txt").read_text() for split in SPLITS}
+    assert out["train"] + out["test"] + out["valid"] == text
+    for split in SPLITS:
+        assert stats[split].words == len(out[split].split()), split
+        assert stats[split].lines == len(out[split].splitlines()), split
+    assert out["valid"].endswith(one_word) and out["train"].endswith("line 32\n")  # 43 lines: 35, 4, 4
 
 
 @pytest.mark.parametrize(("setup", "message"), [
@@ -151,3 +202,16 @@ def test_unusable_folders_raise_clear_errors(tmp_path, setup, message):
     with pytest.raises(DataError, match=message):
         _prepare(tmp_path, folder)
     assert not (tmp_path / "out" / "raw").exists()
+
+
+def test_a_killed_runs_staging_folder_is_removed_and_the_old_splits_replaced(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "input.txt").write_text("".join(f"line {i}\n" for i in range(30)))
+    out = tmp_path / "out"
+    (out / ".tmp-raw-killed" / "raw").mkdir(parents=True)  # what a SIGKILL mid-download leaves
+    (out / "raw").mkdir()
+    (out / "raw" / "stale.txt").write_text("from an older run")
+    assert _prepare(tmp_path, folder)["valid"] == b"line 27\nline 28\nline 29\n"
+    assert sorted(p.name for p in out.iterdir()) == ["raw"]
+    assert sorted(p.name for p in (out / "raw").iterdir()) == ["test.txt", "train.txt", "valid.txt"]

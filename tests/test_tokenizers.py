@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
+from llm.config import TokenizerConfig
 from llm.errors import TokenizerError
 from llm.tokenizers import (
+    TOKENIZER_TYPES,
     BPETokenizer,
     SimpleTokenizer,
     Tokenizer,
@@ -32,31 +36,32 @@ def test_simple_reproduces_the_wikitext_word_vocabulary(wiki_text):
     distinct = set(words) - {"<unk>"}  # the tokenized release's own <unk> is our <unk> token
     with pytest.warns(UserWarning, match="only"):
         tok = SimpleTokenizer.train(wiki_text, vocab_size=100_000)
-    assert tok.vocab_size == len(distinct) + 3  # + <pad>, <unk>, <|endoftext|>
-    assert set(tok.vocab[3:]) == distinct
+    assert tok.vocab_size == len(distinct) + 4  # + <pad>, <unk>, <eol>, <|endoftext|>
+    assert set(tok.vocab[4:]) == distinct
     ids = tok.encode(wiki_text)
-    assert len(ids) == len(words)
+    assert len(ids) == len(words) + wiki_text.count("\n") == 213_886 + 3_760  # the papers' token count
     assert ids.count(tok.unk_id) == words.count("<unk>")
-    assert tok.decode(ids) == " ".join(words)
+    assert ids.count(tok.eol_id) == 3_760
+    assert tok.decode(ids) == "\n".join(" ".join(line.split()) for line in wiki_text.split("\n"))
 
 
 def test_simple_vocab_is_most_frequent_with_deterministic_ties(wiki_text):
-    tok = SimpleTokenizer.train(wiki_text, vocab_size=1003)
+    tok = SimpleTokenizer.train(wiki_text, vocab_size=1004)
     counts: dict[str, int] = {}
     for w in wiki_text.split():
         counts[w] = counts.get(w, 0) + 1
     counts.pop("<unk>")
     expected = sorted(counts, key=lambda w: (-counts[w], w))[:1000]
-    assert tok.vocab[3:] == expected
-    assert tok.vocab[3] == "the"
+    assert tok.vocab[4:] == expected
+    assert tok.vocab[4] == "the"
 
 
 @pytest.mark.filterwarnings("ignore:SimpleTokenizer. only")
 def test_simple_options_and_min_frequency():
     text = "The cat, the CAT; the dog."
     tok = SimpleTokenizer.train(text, vocab_size=20, lowercase=True, split_punctuation=True, min_frequency=2)
-    assert tok.vocab[3:] == ["the", "cat"]
-    assert tok.encode("THE Cat, bird") == [3, 4, tok.unk_id, tok.unk_id]
+    assert tok.vocab[4:] == ["the", "cat"]
+    assert tok.encode("THE Cat, bird") == [4, 5, tok.unk_id, tok.unk_id]
     plain = SimpleTokenizer.train(text, vocab_size=20)
     assert "cat," in plain.vocab and "the" in plain.vocab and "The" in plain.vocab
 
@@ -64,19 +69,53 @@ def test_simple_options_and_min_frequency():
 @pytest.mark.filterwarnings("ignore:SimpleTokenizer. only")
 def test_simple_specials_and_roundtrip(tmp_path):
     tok = SimpleTokenizer.train("a b c a b a", vocab_size=10, special_tokens=["<|endoftext|>", "<sep>"])
-    assert tok.special_tokens == {"<pad>": 0, "<unk>": 1, "<|endoftext|>": 2, "<sep>": 3}
-    assert tok.eot_id == 2 and tok.pad_id == 0
-    assert tok.encode("a <|endoftext|> b") == [4, 1, 5]
-    assert tok.encode("a <|endoftext|> b", allowed_special="all") == [4, 2, 5]
-    assert tok.encode("a<sep>b", allowed_special={"<sep>"}) == [4, 3, 5]
+    assert tok.special_tokens == {"<pad>": 0, "<unk>": 1, "<eol>": 2, "<|endoftext|>": 3, "<sep>": 4}
+    assert tok.eot_id == 3 and tok.pad_id == 0 and tok.eol_id == 2
+    assert tok.encode("a <|endoftext|> b") == [5, 1, 6]
+    assert tok.encode("a <|endoftext|> b", allowed_special="all") == [5, 3, 6]
+    assert tok.encode("a<sep>b", allowed_special={"<sep>"}) == [5, 4, 6]
     tok.save(tmp_path / "s.json")
     back = load_tokenizer(tmp_path / "s.json")
     assert isinstance(back, SimpleTokenizer) and back.to_dict() == tok.to_dict()
-    assert back.encode_batch(["a b", "c zz"]) == [[4, 5], [6, 1]]
+    assert back.encode_batch(["a b", "c zz"]) == [[5, 6], [7, 1]]
     with pytest.raises(TokenizerError, match="id 99 is out of range"):
         tok.decode([99])
     with pytest.raises(TokenizerError, match="id -1 is out of range"):
         tok.decode([-1])
+
+
+# Text of words, spaces, tabs and newlines (and the odd other whitespace, such as \r or \u2028).
+word_lines = st.text(st.sampled_from("ab \t\n\r\u2028\u00e9"), max_size=60)
+
+
+@given(word_lines)
+def test_simple_decode_keeps_line_breaks_and_counts_words_plus_lines(text):
+    tok = SimpleTokenizer(sorted(set(text.split())))
+    ids = tok.encode(text)
+    assert len(ids) == len(text.split()) + text.count("\n")
+    assert tok.decode(ids) == "\n".join(" ".join(tok.words(line)) for line in text.split("\n"))
+
+
+def test_simple_continuation_reads_after_the_prompt():
+    tok = SimpleTokenizer.train("once upon a time there was a cat", vocab_size=11)
+    prompt, continuation = tok.encode("once upon a time"), tok.encode("there was\na cat")
+    assert tok.decode_after(prompt, continuation) == " there was\na cat"
+    assert tok.decode_after(prompt + [tok.eol_id], continuation) == "there was\na cat"
+
+
+@pytest.mark.filterwarnings("ignore:SimpleTokenizer. only")
+def test_simple_version_1_files_still_load_with_their_ids(tmp_path):
+    """A file written before <eol> existed: same ids as then, newlines read as spaces, saved as version 1."""
+    old = {"type": "simple", "version": 1, "vocab_size": 6, "lowercase": False, "split_punctuation": False,
+           "special_tokens": {"<pad>": 0, "<unk>": 1, "<|endoftext|>": 2}, "words": ["a", "b", "c"]}
+    (tmp_path / "old.json").write_text(json.dumps(old), encoding="utf-8")
+    tok = load_tokenizer(tmp_path / "old.json")
+    assert tok.eol_id is None and tok.eot_id == 2
+    assert tok.encode("a b\nc zz") == [3, 4, 5, 1] and tok.decode([3, 4, 5]) == "a b c"
+    assert tok.to_dict() == old
+    (tmp_path / "new.json").write_text(json.dumps({**old, "version": 3}), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="simple tokenizer file version 3 is newer than this code reads"):
+        load_tokenizer(tmp_path / "new.json")
 
 
 def test_simple_bad_arguments():
@@ -95,11 +134,16 @@ def test_train_tokenizer_dispatches_and_rejects_unknown_types():
         train_tokenizer("wordpiece", "a b", 100)
 
 
+def test_params_offer_exactly_the_registered_tokenizer_types():
+    choices = TokenizerConfig.__dataclass_fields__["tokenizer_type"].metadata["choices"]
+    assert sorted(choices) == sorted(TOKENIZER_TYPES) == ["bpe", "simple"]
+
+
 def test_both_tokenizers_implement_the_interface():
     for tok in (SimpleTokenizer.train("x y", 5), BPETokenizer.train("x y x y", 258)):
         assert isinstance(tok, Tokenizer)
         assert isinstance(tok.vocab_size, int) and tok.eot_id == tok.special_tokens["<|endoftext|>"]
-        assert tok.to_dict()["type"] == tok.kind and tok.to_dict()["version"] == 1
+        assert tok.to_dict()["type"] == tok.kind and tok.to_dict()["version"] == tok.version
 
 
 @pytest.fixture()

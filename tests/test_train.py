@@ -9,26 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_project import write_params
 from train_project import (
     assert_same_weights,
+    crash_in_forward,
     fail_forward_at,
     make_project,
     model_state,
-    one_thread,
     outputs,
-    raise_stop,
-    write_params,
 )
 
 import llm.checkpoint
 from llm.checkpoint import load_model_file, read_checkpoint
 from llm.config import TrainConfig
-from llm.errors import CheckpointError, LLMError
+from llm.errors import CheckpointError, LLMError, OutputError
 from llm.fingerprint import describe_changes, make_fingerprint
-from llm.train import lr_at, total_steps, train
+from llm.resume import KEEP_NOTE
+from llm.train import TIMING_METRICS, lr_at, train
+from llm.train_data import total_steps
 from llm.trainlog import TRAIN_COLUMNS, VAL_COLUMNS, read_tsv
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 METRIC_KEYS = {"train_loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_sec", "num_params",
                "train_time_s", "device", "steps", "epochs"}
 
@@ -93,9 +94,21 @@ def test_train_writes_model_checkpoints_metrics_and_curves(tmp_path: Path, shake
     best, best_payload = load_model_file(project / "checkpoints" / "best_model.pt")
     assert best_payload["step"] == 8  # validation improved at every evaluation of this short run
     last = read_checkpoint(project / "checkpoints" / "last.pt")
-    assert {"optimizer", "rng", "fingerprint", "fingerprint_parts", "epoch", "position"} <= set(last)
+    assert {"optimizer", "rng", "fingerprint", "epoch", "position", "progress", "log", "origin"} <= set(last)
     assert last["step"] == 8 and not any(k.startswith(("_orig_mod.", "module.")) for k in last["model"])
     assert_same_weights(last["model"], model.state_dict())
+
+
+def test_identical_runs_write_byte_identical_model_files(tmp_path: Path, shakespeare_text: str) -> None:
+    """DVC caches models/model.pt by its hash: the same params and seed must give the same bytes."""
+    files = []
+    for name in ("first", "second"):
+        project = make_project(tmp_path / name, shakespeare_text)
+        train(write_params(project), **outputs(project))
+        files.append(project / "models" / "model.pt")
+    assert files[0].read_bytes() == files[1].read_bytes()
+    stored = load_model_file(files[0])[1]["metrics"]
+    assert stored["val_loss"] > 0 and not set(TIMING_METRICS) & set(stored)  # timings live in metrics only
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
@@ -133,7 +146,7 @@ def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path: Path, shakespeare_
     params = write_params(project)
     blocker = project / "checkpoints"
     blocker.write_text("a file where the checkpoint folder should be", encoding="utf-8")
-    with pytest.raises(CheckpointError, match=f"{blocker}: cannot write there"):
+    with pytest.raises(OutputError, match=f"{blocker}: is a file, but .*last.pt must be written inside it"):
         train(params, **outputs(project))
 
 
@@ -143,12 +156,12 @@ def test_failed_checkpoint_write_names_path_and_keeps_previous(tmp_path: Path, s
     params = write_params(project, train={"checkpoint_interval": 2, "eval_interval": 100})
     real_save, saves = torch.save, [0]
 
-    def save_that_dies_midway(obj, path, *args, **kwargs):
+    def save_that_dies_midway(obj, file, *args, **kwargs):
         saves[0] += 1
         if saves[0] == 2:
-            Path(path).write_bytes(b"half a checkpoint")
+            file.write(b"half a checkpoint")
             raise RuntimeError("disk full")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(llm.checkpoint.torch, "save", save_that_dies_midway)
     last = project / "checkpoints" / "last.pt"
@@ -164,23 +177,26 @@ def test_explicit_resume_continues_exactly_and_checks_the_model(tmp_path: Path, 
     train(write_params(reference), **outputs(reference))
 
     interrupted = make_project(tmp_path / "interrupted", shakespeare_text)
-    with monkeypatch.context() as patch:
-        fail_forward_at(patch, 7, raise_stop)
-        with pytest.raises(KeyboardInterrupt):
-            train(write_params(interrupted), **outputs(interrupted))
+    crash_in_forward(monkeypatch, interrupted, write_params(interrupted))
     saved = tmp_path / "saved.pt"
     shutil.move(interrupted / "checkpoints" / "last.pt", saved)
     capsys.readouterr()
-    train(write_params(interrupted, train={"resume": str(saved)}), **outputs(interrupted))
-    said = capsys.readouterr().out
-    assert f"train.resume: loaded model weights, optimizer state, step 4 and RNG state from {saved}" in said
+    from_saved = write_params(interrupted, train={"resume": str(saved), "checkpoint_interval": 1})
+    crash_in_forward(monkeypatch, interrupted, from_saved, call=3)  # crashes in step 7: last.pt at step 6
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"train.resume = {saved}: starting from it; {KEEP_NOTE}"  # the first line names it
+    assert said[1] == (f"train.resume: loaded model weights, optimizer state, step 4 and RNG state from "
+                       f"{saved} (same params: this continues that run exactly)")
+
+    train(from_saved, **outputs(interrupted))  # continues its own last.pt, not `saved` again
+    said = capsys.readouterr().out.splitlines()
+    last = interrupted / "checkpoints" / "last.pt"
+    assert said[0] == f"train.resume = {saved}: continuing {last}, the run that started from it; {KEEP_NOTE}"
+    assert said[1].startswith(f"resuming from {last} at step 6/8")
     assert_same_weights(model_state(interrupted / "models" / "model.pt"),
                         model_state(reference / "models" / "model.pt"))
     val_log = Path("metrics") / "val_log.tsv"
     assert read_tsv(interrupted / val_log) == read_tsv(reference / val_log)
-    # Its own last.pt now continues the run that train.resume started; it is not restarted from `saved`.
-    train(write_params(interrupted, train={"resume": str(saved)}), **outputs(interrupted))
-    assert "resuming from" in capsys.readouterr().out
 
     fresh = make_project(tmp_path / "weights-only", shakespeare_text)
     train(write_params(fresh, train={"resume": str(reference / "models" / "model.pt"), "max_steps": 2}),

@@ -1,4 +1,5 @@
-"""Robust HTTP download into a cache: streamed, resumed with Range, retried with backoff, checksummed.
+"""Robust HTTP download into a cache: streamed, resumed with Range, retried with backoff, checksummed,
+bounded in size (data.max_bytes), following redirects to http(s) only.
 
 Environment:
 - `LLM_CACHE_DIR`: download cache folder (default `data/cache`, relative to the working directory).
@@ -32,6 +33,7 @@ except ImportError:  # Windows: no advisory locks; parallel downloads of one URL
 USER_AGENT = f"llm-from-scratch/{__version__} (+python-requests)"
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 CHUNK_BYTES = 1 << 16
+MAX_REDIRECTS = 10
 OFFLINE_HINT = ("offline? set data.dataset: text_files and data.text_files_dir: <folder of *.txt> "
                 "in params.yaml")
 
@@ -77,24 +79,35 @@ def cache_path(url: str, cache_dir: Path) -> Path:
 
 
 def fetch(url: str, *, sha256: str = "", cache_dir: Path | None = None, policy: RetryPolicy | None = None,
-          progress: bool = True, sha256_hint: str = "") -> Path:
+          progress: bool = True, sha256_hint: str = "", max_bytes: int | None = None) -> Path:
     """Return a cached, verified copy of `url`, downloading it only when no good copy is cached.
 
     A cached file is reused without touching the network when `sha256` is empty or matches it.
-    A download that does not match `sha256` is kept in the cache and a DataError says the actual
-    checksum; `sha256_hint` tells the user how to accept it (`<actual>` in it is replaced by the sum).
+    A download that does not match `sha256` is downloaded again, whole, when it was resumed from a
+    partial file (whose bytes may be corrupt); only a fresh download that still differs is kept in
+    the cache, with a DataError that says the actual checksum and `sha256_hint`, how to accept it
+    (`<actual>` in it is replaced by the sum). More than `max_bytes` is a DataError.
     """
     target = cache_path(url, cache_dir or default_cache_dir())
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{target.parent}: cannot make the download cache folder there ({exc.strerror}); "
+                        "fix the path or set LLM_CACHE_DIR to a writable folder") from None
+    policy = policy or RetryPolicy()
     with _locked(target):
         if target.exists() and (not sha256 or sha256_file(target) == sha256.lower()):
             return target
-        download(url, target, policy=policy or RetryPolicy(), progress=progress)
-    actual = sha256_file(target)
+        fresh = download(url, target, policy=policy, progress=progress, max_bytes=max_bytes)
+        actual = sha256_file(target)
+        if sha256 and actual != sha256.lower() and not fresh:
+            target.unlink()
+            download(url, target, policy=policy, progress=progress, max_bytes=max_bytes)
+            actual = sha256_file(target)
     if sha256 and actual != sha256.lower():
         hint = sha256_hint or "set data.sha256 in params.yaml to the actual value if you trust this source"
-        raise DataError(f"{url}: sha256 mismatch: expected {sha256.lower()}, actual {actual}; "
-                        + hint.replace("<actual>", actual))
+        raise DataError(f"{url}: sha256 mismatch: expected {sha256.lower()}, actual {actual} (a fresh, "
+                        "complete download); " + hint.replace("<actual>", actual))
     return target
 
 
@@ -107,25 +120,33 @@ def _locked(target: Path) -> Iterator[None]:
         yield
 
 
-def download(url: str, dest: Path, *, policy: RetryPolicy, progress: bool = True) -> None:
-    """Download `url` to `dest` atomically via `dest.part`, resuming that partial file with HTTP Range."""
+def download(url: str, dest: Path, *, policy: RetryPolicy, progress: bool = True,
+             max_bytes: int | None = None) -> bool:
+    """Download `url` to `dest` atomically via `dest.part`, resuming that partial file with HTTP Range.
+
+    Returns whether the file is fresh: the body of one response from its first byte, not a resumed one.
+    """
     part = dest.with_name(dest.name + ".part")
     with requests.Session() as session:
         session.headers["User-Agent"] = USER_AGENT
+        session.max_redirects = MAX_REDIRECTS
         for attempt in range(policy.attempts):
             try:
-                _attempt(session, url, part, policy, progress)
+                start = _attempt(session, url, part, policy, progress, max_bytes)
                 os.replace(part, dest)
-                return
+                return start == 0
             except _Retryable as exc:
                 if attempt + 1 == policy.attempts:
                     raise DataError(f"{url}: download failed after {policy.attempts} tries: {exc}; "
                                     f"try again later ({OFFLINE_HINT})") from None
                 policy.wait(attempt)
+    raise DataError(f"{url}: no download tries allowed (RetryPolicy.attempts = {policy.attempts})")
 
 
-def _attempt(session: requests.Session, url: str, part: Path, policy: RetryPolicy, progress: bool) -> None:
-    """One GET, appending to `part` from its current size; raise _Retryable on transient failures."""
+def _attempt(session: requests.Session, url: str, part: Path, policy: RetryPolicy, progress: bool,
+             max_bytes: int | None) -> int:
+    """One GET, appending to `part` from its current size; returns the offset its body started at.
+    Raises _Retryable on transient failures, DataError on what retrying cannot fix."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
@@ -137,17 +158,33 @@ def _attempt(session: requests.Session, url: str, part: Path, policy: RetryPolic
         raise _Retryable(f"connection failed ({_reason(exc)})") from None
     except requests.Timeout:
         raise _Retryable("timed out") from None
+    except requests.TooManyRedirects:
+        raise DataError(f"{url}: more than {MAX_REDIRECTS} redirects (a redirect loop?); check data.url in "
+                        "params.yaml") from None
+    except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema) as exc:  # a redirect to file:// or ftp://, a malformed URL
+        raise DataError(f"{url}: refused ({_reason(exc)}): only http(s) URLs are downloaded, and redirects "
+                        "to them followed; check data.url in params.yaml") from None
     with response:
         if response.status_code == 416:  # Range past the end: the partial file is complete, or stale
             if _content_range_total(response) == have:
-                return
+                return have
             part.unlink(missing_ok=True)
             raise _Retryable("partial download does not match the server's file; restarting")
         start, total = _start_and_total(url, response, have)
         if start is None:
             part.unlink(missing_ok=True)
             raise _Retryable("server refused to resume; restarting")
-        _write_body(response, part, start, total, progress, url)
+        if max_bytes is not None and total is not None and total > max_bytes:
+            part.unlink(missing_ok=True)
+            raise _too_big(url, max_bytes, f"the server says it is {total:,} bytes")
+        _write_body(response, part, start, total, progress, url, max_bytes)
+        return start
+
+
+def _too_big(url: str, max_bytes: int, what: str) -> DataError:
+    return DataError(f"{url}: {what}, more than data.max_bytes ({max_bytes:,}); raise data.max_bytes in "
+                     "params.yaml if you mean to download that much, or check data.url")
 
 
 def _start_and_total(url: str, response: requests.Response, have: int) -> tuple[int | None, int | None]:
@@ -175,8 +212,9 @@ def _content_range_total(response: requests.Response) -> int | None:
 
 
 def _write_body(response: requests.Response, part: Path, start: int, total: int | None,
-                progress: bool, url: str) -> None:
-    """Stream the body into `part` at `start`; a short body is a retryable failure (resumed next try)."""
+                progress: bool, url: str, max_bytes: int | None = None) -> None:
+    """Stream the body into `part` at `start`; a short body is a retryable failure (resumed next try);
+    more than `max_bytes` in all (an endless response) is a DataError, and the partial file is deleted."""
     written = start
     bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
                desc=Path(urlsplit(url).path).name, disable=not progress, leave=False)
@@ -185,6 +223,10 @@ def _write_body(response: requests.Response, part: Path, start: int, total: int 
             f.seek(start)
             f.truncate()
             for block in response.iter_content(CHUNK_BYTES):
+                if max_bytes is not None and written + len(block) > max_bytes:
+                    f.close()
+                    part.unlink()
+                    raise _too_big(url, max_bytes, f"the response goes on past {max_bytes:,} bytes")
                 f.write(block)
                 written += len(block)
                 bar.update(len(block))

@@ -11,10 +11,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from llm.config import WIKITEXT_DATASETS, DataConfig
+from llm.config import SPLITS, WIKITEXT_DATASETS, DataConfig
 from llm.data.archives import Archive, kind_of, open_gzip_text
 from llm.data.download import RetryPolicy, fetch
-from llm.data.splits import SPLITS, Plan, TextSource, assign_files, file_source
+from llm.data.splits import Plan, TextSource, assign_files, file_source
 from llm.errors import DataError
 
 WIKITEXT_BASE_URL = "https://wikitext.smerity.com"
@@ -51,7 +51,7 @@ def open_plan(config: DataConfig, *, cache_dir: Path | None = None, policy: Retr
         hint = ("if you trust this download, accept its checksum: `dvc exp run -S data.sha256=<actual>` "
                 "or set data.sha256: <actual> in params.yaml")
         path = fetch(url, sha256=sha256, cache_dir=cache_dir, policy=policy, progress=progress,
-                     sha256_hint=hint)
+                     sha256_hint=hint, max_bytes=config.max_bytes)
         members = wikitext_members(config.dataset) if config.dataset in WIKITEXT_DATASETS else config.members
         yield _download_plan(path, url, members, stack)
 

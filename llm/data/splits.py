@@ -14,10 +14,10 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from llm.data.text import SplitStats, SplitWriter, iter_lines, iter_text
+from llm.config import SPLITS
+from llm.data.text import SplitStats, SplitWriter, iter_text
 from llm.errors import DataError
 
-SPLITS = ("train", "valid", "test")
 # What corrupt zip / tar / gzip streams raise while being read.
 READ_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError)
 
@@ -29,14 +29,33 @@ class TextSource:
     name: str
     opener: Callable[[], contextlib.AbstractContextManager[BinaryIO]]
 
-    def pieces(self) -> Iterator[str]:
-        """Its normalised text in line-ending pieces; read failures become a DataError naming it."""
+    def pieces(self, budget: ByteBudget | None = None) -> Iterator[str]:
+        """Its normalised text in pieces (see `iter_text`), each byte read charged to `budget`; read
+        failures become a DataError naming it."""
         try:
             with self.opener() as stream:
-                yield from iter_text(stream, self.name)
+                yield from iter_text(stream, self.name, on_read=budget.take if budget else None)
         except READ_ERRORS as exc:
             raise DataError(f"{self.name}: cannot be read ({exc}); if it is a cached download, "
                             "delete it to download again") from None
+
+
+@dataclass
+class ByteBudget:
+    """At most `limit` bytes of text read from one corpus (data.max_bytes), counted after decompression:
+    a gzip bomb or an endless file stops with one line instead of filling the disk."""
+
+    limit: int
+    origin: str
+    used: int = 0
+
+    def take(self, count: int) -> None:
+        """Charge `count` bytes just read; DataError once the limit is passed."""
+        self.used += count
+        if self.used > self.limit:
+            raise DataError(f"data.max_bytes = {self.limit}: {self.origin} holds more text than that (after "
+                            "decompression); raise data.max_bytes in params.yaml if that is expected, or "
+                            "check the source")
 
 
 def file_source(path: Path) -> TextSource:
@@ -84,11 +103,12 @@ def line_ranges(total_lines: int, val_fraction: float, test_fraction: float) -> 
             "valid": range(n_train + n_test, total_lines)}
 
 
-def _joined(sources: list[TextSource], bar: tqdm | None = None) -> Iterator[str]:
+def _joined(sources: list[TextSource], bar: tqdm | None = None, budget: ByteBudget | None = None
+            ) -> Iterator[str]:
     """The sources' text one after another, each file's last line ended so files never merge lines."""
     for index, source in enumerate(sources):
         last = ""
-        for piece in source.pieces():
+        for piece in source.pieces(budget):
             last = piece
             if bar is not None:
                 bar.update(len(piece))
@@ -98,16 +118,25 @@ def _joined(sources: list[TextSource], bar: tqdm | None = None) -> Iterator[str]
 
 
 def write_plan(plan: Plan, out_dir: Path, val_fraction: float, test_fraction: float,
-               progress: bool = True) -> dict[str, SplitStats]:
-    """Write `<out_dir>/{train,valid,test}.txt` following `plan`; return the statistics per split."""
+               progress: bool = True, max_bytes: int | None = None) -> dict[str, SplitStats]:
+    """Write `<out_dir>/{train,valid,test}.txt` following `plan`; return the statistics per split.
+
+    Each pass over the sources may read at most `max_bytes` of text (data.max_bytes)."""
     writers = {split: SplitWriter(out_dir / f"{split}.txt") for split in SPLITS}
-    bar = tqdm(unit="char", unit_scale=True, desc="writing splits", disable=not progress, leave=False)
+    # Shown only when the work lasts (delay): a fresh bar would read "0.00char" (unit_scale's decimals).
+    bar = tqdm(unit=" chars", unit_scale=True, delay=0.5, desc="writing splits", disable=not progress,
+               leave=False)
+
+    def budget() -> ByteBudget | None:
+        return ByteBudget(max_bytes, plan.origin) if max_bytes is not None else None
+
     try:
         if plan.by_lines:
-            _write_by_lines(plan.by_lines, writers, val_fraction, test_fraction, bar)
+            _write_by_lines(plan.by_lines, writers, val_fraction, test_fraction, bar, budget)
         else:
+            whole = budget()
             for split in SPLITS:
-                for piece in _joined(plan.by_split[split], bar):
+                for piece in _joined(plan.by_split[split], bar, whole):
                     writers[split].write(piece)
     finally:
         bar.close()
@@ -116,20 +145,34 @@ def write_plan(plan: Plan, out_dir: Path, val_fraction: float, test_fraction: fl
     return stats
 
 
-def _write_by_lines(sources: list[TextSource], writers: dict[str, SplitWriter],
-                    val_fraction: float, test_fraction: float, bar: tqdm) -> None:
-    """Two streamed passes: count the lines, then send each range of lines to its split."""
-    total = sum(1 for _ in iter_lines(_joined(sources)))
+def _write_by_lines(sources: list[TextSource], writers: dict[str, SplitWriter], val_fraction: float,
+                    test_fraction: float, bar: tqdm, budget: Callable[[], ByteBudget | None]) -> None:
+    """Two streamed passes: count the lines, then send each range of lines to its split.
+
+    Pieces may end mid-line (a line longer than a read); a line's pieces all go to its split."""
+    total, last = 0, ""
+    for piece in _joined(sources, budget=budget()):
+        total, last = total + piece.count("\n"), piece
+    total += bool(last) and not last.endswith("\n")  # a last line without its newline
     if total == 0:
         names = ", ".join(source.name for source in sources[:5])
         raise DataError(f"empty corpus: {names} holds no text; point data at a non-empty corpus")
     bounds = line_ranges(total, val_fraction, test_fraction)
     owner = [(r.stop, split) for split, r in sorted(bounds.items(), key=lambda item: item[1].start)]
-    current = 0
-    for number, line in enumerate(iter_lines(_joined(sources, bar))):
-        while number >= owner[current][0]:
-            current += 1
-        writers[owner[current][1]].write(line)
+    current, number = 0, 0  # owner[current] holds line `number`, the line the next character is on
+    for piece in _joined(sources, bar, budget()):
+        while piece:
+            stop, split = owner[current]
+            newlines = piece.count("\n")
+            if number + newlines < stop or current == len(owner) - 1:
+                writers[split].write(piece)
+                number += newlines
+                break
+            cut = -1
+            for _ in range(stop - number):  # just past the newline that ends the split's last line
+                cut = piece.index("\n", cut + 1)
+            writers[split].write(piece[:cut + 1])
+            piece, number, current = piece[cut + 1:], stop, current + 1
 
 
 def _check_not_empty(plan: Plan, stats: dict[str, SplitStats]) -> None:

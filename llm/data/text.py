@@ -3,60 +3,64 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from llm.errors import DataError
+from llm.io import utf8_error
 
 CHUNK_BYTES = 1 << 20
+_SPACE = re.compile(r"\s")
 
 
-def iter_text(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Decode a binary stream as UTF-8 with `\\r\\n`/`\\r` -> `\\n`, yielding pieces that end on a newline.
+def iter_text(stream: BinaryIO, name: str, chunk_bytes: int = CHUNK_BYTES,
+              on_read: Callable[[int], object] | None = None) -> Iterator[str]:
+    """Decode a binary stream as UTF-8 with `\\r\\n`/`\\r` -> `\\n`, yielding pieces of about `chunk_bytes`.
 
-    Pieces end on line boundaries (except the last) so callers can count words per piece.
-    A leading byte-order mark is dropped. Bad bytes raise DataError naming `name` and the byte offset.
+    A piece ends on a newline, unless a line is longer than `chunk_bytes`: then it ends on whitespace
+    where the text has some, else anywhere, so that time stays linear and memory bounded on any input
+    (one 2 GB line included). A leading byte-order mark is dropped. `on_read(n)` is called with the size
+    of every block read (a budget, see llm.data.splits). Bad bytes raise DataError naming `name` and the
+    byte offset.
     """
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    consumed, carry, first = 0, "", True
+    consumed, carry, cr, first = 0, "", "", True
     while True:
         block = stream.read(chunk_bytes)
         final = not block
+        if on_read is not None:
+            on_read(len(block))
         pending = len(decoder.getstate()[0])
         try:
             decoded = decoder.decode(block, final=final)
         except UnicodeDecodeError as exc:
-            offset = consumed - pending + exc.start
-            raise DataError(f"{name}: not UTF-8 text (bad byte {exc.object[exc.start]:#04x} at byte offset "
-                            f"{offset}); convert it to UTF-8 (e.g. iconv -t UTF-8) or remove it") from None
+            raise utf8_error(name, exc, consumed - pending) from None
         consumed += len(block)
         if first and decoded:
             decoded, first = decoded.removeprefix("\ufeff"), False
-        text = carry + decoded
-        held_cr = "\r" if text.endswith("\r") and not final else ""
-        text = text[: len(text) - len(held_cr)].replace("\r\n", "\n").replace("\r", "\n")
-        cut = len(text) if final else text.rfind("\n") + 1
+        fresh = cr + decoded  # a \r held back from the last block may start a \r\n
+        cr = "\r" if fresh.endswith("\r") and not final else ""
+        fresh = fresh[: len(fresh) - len(cr)]
+        if "\r" in fresh:
+            fresh = fresh.replace("\r\n", "\n").replace("\r", "\n")
+        text = carry + fresh  # carry holds no newline: only `fresh` needs searching
+        newline = fresh.rfind("\n")
+        if final:
+            cut = len(text)
+        elif newline >= 0:
+            cut = len(carry) + newline + 1
+        elif len(text) >= chunk_bytes:  # a long line: cut it after its last whitespace, else anywhere
+            space = _SPACE.search(text[::-1])  # reversed: the scan stops at the last whitespace
+            cut = len(text) - space.start() if space else len(text)
+        else:
+            cut = 0
         if cut:
             yield text[:cut]
-        carry = text[cut:] + held_cr
+        carry = text[cut:]
         if final:
             return
-
-
-def iter_lines(pieces: Iterable[str]) -> Iterator[str]:
-    """Split text pieces into lines on `\\n` only, each keeping its `\\n` (the last may lack one).
-
-    Pieces must end on a newline (as `iter_text` yields them), except the very last.
-    """
-    for piece in pieces:
-        start = 0
-        while (end := piece.find("\n", start)) != -1:
-            yield piece[start : end + 1]
-            start = end + 1
-        if start < len(piece):
-            yield piece[start:]
 
 
 @dataclass
@@ -79,22 +83,19 @@ class SplitWriter:
         self.path = path
         self.stats = SplitStats()
         self._file = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed in close())
-        self._ends_line = True
+        self._ends_line = True  # close() counts an unfinished last line
+        self._in_word = False  # the text so far ends inside a word
 
     def write(self, text: str) -> None:
-        """Append text; words are counted per call, so callers pass whole lines or line-ending pieces."""
+        """Append text, which may start or end anywhere: a word cut between two writes counts once."""
         if not text:
             return
         self._file.write(text)
         self.stats.lines += text.count("\n")
-        self.stats.words += len(text.split())
+        self.stats.words += len(text.split()) - (self._in_word and not text[0].isspace())
         self.stats.bytes += len(text.encode("utf-8"))
         self._ends_line = text.endswith("\n")
-
-    def end_line(self) -> None:
-        """Terminate an unfinished last line, so the next file's text starts on a line of its own."""
-        if not self._ends_line:
-            self.write("\n")
+        self._in_word = not text[-1].isspace()
 
     def close(self) -> SplitStats:
         """Close the file and return its statistics (a last line without `\\n` still counts)."""

@@ -3,6 +3,9 @@
     >>> from llm.tokenizers import BPETokenizer, load_tokenizer      # doctest: +SKIP
     >>> tok = BPETokenizer.train(text, vocab_size=4096)              # doctest: +SKIP
     >>> tok.save("data/tokenizer.json"); load_tokenizer("data/tokenizer.json")  # doctest: +SKIP
+
+Every subclass of `Tokenizer` registers itself in `TOKENIZER_TYPES` under its `kind`, the `type` of
+its file and the `tokenizer.tokenizer_type` of params.yaml.
 """
 
 from __future__ import annotations
@@ -11,11 +14,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from llm.errors import TokenizerError
-from llm.tokenizers.base import EOT, Tokenizer, load_tokenizer
+from llm.tokenizers.base import EOT, TOKENIZER_TYPES, Tokenizer, load_tokenizer
 from llm.tokenizers.bpe import BPETokenizer
 from llm.tokenizers.simple import SimpleTokenizer
-
-TOKENIZER_TYPES: dict[str, type[Tokenizer]] = {"bpe": BPETokenizer, "simple": SimpleTokenizer}
 
 __all__ = ["EOT", "BPETokenizer", "SimpleTokenizer", "Tokenizer", "TOKENIZER_TYPES", "load_tokenizer",
            "train_tokenizer"]

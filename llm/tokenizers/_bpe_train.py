@@ -18,10 +18,20 @@ from itertools import islice
 from tqdm.auto import tqdm
 
 from llm.errors import TokenizerError
-from llm.tokenizers.patterns import SPACE_CUT, is_space_cuttable, make_splitter, words_of_pieces
+from llm.tokenizers.patterns import (
+    SPACE_CUT,
+    is_space_cuttable,
+    make_splitter,
+    piece_values,
+    words_of_pieces,
+)
 
 PARALLEL_MIN_CHARS = 8_000_000  # below this, forking workers costs more than it saves
 MAX_TOKEN_ID = 0x10FFFF  # ids live in str characters
+
+
+def _alone(word: str) -> list[str]:
+    return [word]
 
 
 def _count_texts(texts: Sequence[str], pattern: str) -> Counter[str]:
@@ -48,12 +58,9 @@ def _count_texts(texts: Sequence[str], pattern: str) -> Counter[str]:
             for piece, word in zip(group, found):
                 words[word] += pieces[piece]
             continue
-        matches = iter(found)
-        for piece in group:
-            count, left = pieces[piece], len(piece) + 1
-            while left:
-                word = next(matches)
-                left -= len(word)
+        for piece, piece_words in zip(group, piece_values(group, found, _alone)):
+            count = pieces[piece]
+            for word in piece_words:
                 words[word] += count
     for end in ends:
         words.update(findall(end))
@@ -101,25 +108,61 @@ def _pairs(word: str) -> map:
     return map(str.__add__, word[:-1], word[1:])
 
 
-def learn_merges(words: Counter[str], num_merges: int, min_frequency: int = 2,
-                 progress: bool = False) -> list[tuple[int, int]]:
-    """Up to `num_merges` merges (pairs of ids; merge k makes id 256 + k) learned from word counts."""
-    if 256 + num_merges > MAX_TOKEN_ID:
-        raise TokenizerError(f"vocab_size {256 + num_merges} is too large: at most {MAX_TOKEN_ID} tokens")
+def _pair_index(words: Counter[str]) -> tuple[list[str], list[int], defaultdict, defaultdict]:
+    """Words of 2+ bytes as byte strings (one char per byte), their counts, and per pair: the count
+    weighted by word frequency and the indices of the words holding it."""
     seqs, freqs = [], []
     for word, count in words.items():
         seq = word.encode("utf-8").decode("latin-1")
         if len(seq) > 1:
             seqs.append(seq)
             freqs.append(count)
-    token_bytes = [bytes([i]) for i in range(256)]
-    token_id = {b: i for i, b in enumerate(token_bytes)}
     counts: defaultdict[str, int] = defaultdict(int)
     where: defaultdict[str, set[int]] = defaultdict(set)
     for index, (seq, freq) in enumerate(zip(seqs, freqs)):
         for pair in _pairs(seq):
             counts[pair] += freq
             where[pair].add(index)
+    return seqs, freqs, counts, where
+
+
+def _replace_pair(seqs: list[str], freqs: list[int], counts: defaultdict, where: defaultdict, pair: str,
+                  new_char: str) -> dict[str, int]:
+    """Merge `pair` into `new_char` in every word holding it; lower the counts of the neighbouring pairs
+    it breaks and return the counts of the new pairs (containing new_char) it makes."""
+    gained: dict[str, int] = {}
+    for index in where.pop(pair):
+        seq = seqs[index]
+        at = seq.find(pair)
+        if at < 0:  # the word lost this pair to an earlier merge
+            continue
+        freq, last = freqs[index], len(seq) - 2
+        seqs[index] = seq.replace(pair, new_char)
+        prev_end = -1
+        while at >= 0:
+            if at:  # left neighbour: (x, A) becomes (x, C), or (C, C) right after another occurrence
+                counts[seq[at - 1:at + 1]] -= freq
+                new = (new_char if prev_end == at else seq[at - 1]) + new_char
+                gained[new] = gained.get(new, 0) + freq
+                where[new].add(index)
+            nxt = seq.find(pair, at + 2)
+            if at < last and nxt != at + 2:  # right neighbour, unless it starts the next occurrence
+                counts[seq[at + 1:at + 3]] -= freq
+                new = new_char + seq[at + 2]
+                gained[new] = gained.get(new, 0) + freq
+                where[new].add(index)
+            prev_end, at = at + 2, nxt
+    return gained
+
+
+def learn_merges(words: Counter[str], num_merges: int, min_frequency: int = 2,
+                 progress: bool = False) -> list[tuple[int, int]]:
+    """Up to `num_merges` merges (pairs of ids; merge k makes id 256 + k) learned from word counts."""
+    if 256 + num_merges > MAX_TOKEN_ID:
+        raise TokenizerError(f"vocab_size {256 + num_merges} is too large: at most {MAX_TOKEN_ID} tokens")
+    seqs, freqs, counts, where = _pair_index(words)
+    token_bytes = [bytes([i]) for i in range(256)]
+    token_id = {b: i for i, b in enumerate(token_bytes)}
     heap = [(-count, token_bytes[ord(p[0])], token_bytes[ord(p[1])], p) for p, count in counts.items()]
     heapq.heapify(heap)
     merges: list[tuple[int, int]] = []
@@ -140,29 +183,7 @@ def learn_merges(words: Counter[str], num_merges: int, min_frequency: int = 2,
             token_bytes.append(merged)
             merges.append((ord(pair[0]), ord(pair[1])))
             bar.update()
-        new_char = chr(new_id)
-        gained: dict[str, int] = {}  # new pairs (containing new_char) -> count added by this merge
-        for index in where.pop(pair):
-            seq = seqs[index]
-            at = seq.find(pair)
-            if at < 0:  # the word lost this pair to an earlier merge
-                continue
-            freq, last = freqs[index], len(seq) - 2
-            seqs[index] = seq.replace(pair, new_char)
-            prev_end = -1
-            while at >= 0:
-                if at:  # left neighbour: (x, A) becomes (x, C), or (C, C) right after another occurrence
-                    counts[seq[at - 1:at + 1]] -= freq
-                    new = (new_char if prev_end == at else seq[at - 1]) + new_char
-                    gained[new] = gained.get(new, 0) + freq
-                    where[new].add(index)
-                nxt = seq.find(pair, at + 2)
-                if at < last and nxt != at + 2:  # right neighbour, unless it starts the next occurrence
-                    counts[seq[at + 1:at + 3]] -= freq
-                    new = new_char + seq[at + 2]
-                    gained[new] = gained.get(new, 0) + freq
-                    where[new].add(index)
-                prev_end, at = at + 2, nxt
+        gained = _replace_pair(seqs, freqs, counts, where, pair, chr(new_id))
         del counts[pair]
         for new, gain in gained.items():
             counts[new] += gain

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from llm.config import TokenizerConfig
 from llm.errors import DataError
-from llm.tokenizers import train_tokenizer
+from llm.io import utf8_error
+from llm.tokenizers import TOKENIZER_TYPES
 from llm.tokenizers.base import Tokenizer
 
 
@@ -19,7 +20,7 @@ def read_training_text(path: str | os.PathLike) -> str:
     except FileNotFoundError:
         raise DataError(f"{path}: not found; run the download stage first (dvc repro download)") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 at byte {exc.start}; re-encode it as UTF-8") from None
+        raise utf8_error(str(path), exc) from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
     if not text.strip():
@@ -30,10 +31,5 @@ def read_training_text(path: str | os.PathLike) -> str:
 def fit_tokenizer(text: str, config: TokenizerConfig, *, progress: bool = False,
                   num_workers: int = 0) -> Tokenizer:
     """Train the tokenizer that `config` describes on `text`."""
-    if config.tokenizer_type == "bpe":
-        return train_tokenizer("bpe", text, config.vocab_size, min_frequency=config.min_frequency,
-                               pattern=config.pattern, special_tokens=config.special_tokens,
-                               progress=progress, num_workers=num_workers)
-    return train_tokenizer(config.tokenizer_type, text, config.vocab_size, min_frequency=config.min_frequency,
-                           lowercase=config.lowercase, split_punctuation=config.split_punctuation,
-                           special_tokens=config.special_tokens)
+    tokenizer_class = TOKENIZER_TYPES[config.tokenizer_type]
+    return tokenizer_class.fit(text, config, progress=progress, num_workers=num_workers)

@@ -8,6 +8,7 @@ with our ranks reproduces our ids exactly.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 
 import regex
@@ -39,8 +40,74 @@ _ASCII_PATTERNS = {
 SPACE_CUT = re.compile(r" (?<!\s )")
 
 
+# One character of every Unicode general category, with the controls and line breaks real text holds: a
+# custom pattern must cover each of them, alone and in a run, or the BPE would silently drop text.
+PROBE_CHARACTERS = ("Aa\u01c5\u02b0\u65e5\u05d0\u0301\u0903\u20dd7\u0663\u216b\u00bd_-()\u00ab\u00bb!+$^"
+                    "\U0001f389\u00a9 \u00a0\u3000\u2028\u2029\n\r\t\x00\x7f\u200b\ufeff\ue000\u0378"
+                    "\U0001d518'")
+PROBE_TEXTS = (*PROBE_CHARACTERS, PROBE_CHARACTERS, "h\u00e9llo w\u00f6rld \u65e5\u672c \U0001f389\n",
+               "It's 2024:  tabs\tand\r\nCRLF  ")
+LOSSLESS_FIX = "add a last alternative that takes any one character, e.g. `|[\\s\\S]`"
+
+
+def _alternatives(pattern: str) -> list[str]:
+    """The top-level alternatives of a regex (split on `|` outside groups, classes and escapes)."""
+    parts, depth, start, i, in_class = [], 0, 0, 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 1
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            i += pattern.startswith("^", i + 1)
+            i += pattern.startswith("]", i + 1)  # a `]` first in a class is a literal
+        elif char in "()":
+            depth += 1 if char == "(" else -1
+        elif char == "|" and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    return parts + [pattern[start:]]
+
+
+def _describe(char: str) -> str:
+    return f"{char!r} (U+{ord(char):04X}, {unicodedata.category(char)})"
+
+
+def check_lossless(pattern: str) -> None:
+    """TokenizerError unless the pieces of `pattern` cover every text exactly, as far as a probe of every
+    Unicode category can tell: it must have no capturing group (findall would return the groups), no
+    alternative that can match the empty string, and a match for every character."""
+    compiled = regex.compile(pattern)
+    if compiled.groups:
+        raise TokenizerError(f"pattern = {pattern!r}: has capturing groups, so its pieces would be the "
+                             "groups, not the text; write each group as (?:...)")
+    for alternative in _alternatives(pattern):
+        try:
+            part = regex.compile(alternative, compiled.flags)
+        except regex.error:  # a construct the splitter does not know: the whole-pattern checks still run
+            continue
+        empty = (m for text in PROBE_TEXTS for m in part.finditer(text) if m.start() == m.end())
+        if part.fullmatch("") or next(empty, None):
+            raise TokenizerError(f"pattern = {pattern!r}: its alternative {alternative!r} can match the "
+                                 "empty string, which cuts no text; make it match at least one character "
+                                 "(e.g. + instead of *)")
+    for text in PROBE_TEXTS:
+        covered = 0
+        for match in compiled.finditer(text):
+            if match.start() != covered or match.start() == match.end():
+                break
+            covered = match.end()
+        if covered < len(text):
+            raise TokenizerError(f"pattern = {pattern!r}: skips {_describe(text[covered])}, so the BPE would "
+                                 f"silently drop such characters; {LOSSLESS_FIX}")
+
+
 def resolve_pattern(pattern: str) -> str:
-    """The regex for a pattern name (`gpt2`, `gpt4`) or a custom regex string, checked to compile."""
+    """The regex for a pattern name (`gpt2`, `gpt4`) or a custom regex string, checked to compile and to
+    cut text into pieces that cover it (`check_lossless`)."""
     if not isinstance(pattern, str) or not pattern:
         raise TokenizerError(f"pattern = {pattern!r}: use 'gpt2', 'gpt4' or a non-empty regex string")
     if pattern in NAMED_PATTERNS:
@@ -53,6 +120,7 @@ def resolve_pattern(pattern: str) -> str:
     except regex.error as exc:
         raise TokenizerError(f"pattern = {pattern!r}: not a valid regex ({exc}); fix it or use gpt2/gpt4"
                              ) from None
+    check_lossless(pattern)
     return pattern
 
 
@@ -97,3 +165,22 @@ def words_of_pieces(findall: Callable[[str], list[str]],
     for group in (ascii_other, other):
         if group:
             yield group, findall(" " + " ".join(group)), False
+
+
+def piece_values(group: list[str], words: list[str], value: Callable[[str], list]) -> Iterator[list]:
+    """For each piece of a `words_of_pieces` group, in order: the concatenated `value(word)` of its words.
+
+    Piece k owns the next matches whose lengths add up to len(piece) + 1 (its leading space). With
+    `value` = the word's token ids this gives the piece's ids; with `value` = [word], its words.
+    """
+    matches = iter(words)
+    for piece in group:
+        word = next(matches)
+        left, values = len(piece) + 1 - len(word), value(word)
+        if left:
+            values = values.copy()
+            while left:
+                word = next(matches)
+                left -= len(word)
+                values += value(word)
+        yield values
