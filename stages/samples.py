@@ -11,7 +11,7 @@ with dependencies_or_exit():
     from llm.checkpoint import load_model_file
     from llm.config import load_params
     from llm.generate import check_tokenizer_matches, samples_report
-    from llm.hardware import autocast, resolve_device, resolve_precision
+    from llm.hardware import autocast, resolve_device, resolve_precision, set_threads
     from llm.io import check_outputs, write_text_atomic
     from llm.tokenizers import load_tokenizer
 
@@ -25,6 +25,7 @@ def main() -> None:
     device = resolve_device(params.runtime.device)
     precision = resolve_precision(params.runtime.precision, device)
     model, payload = load_model_file(MODEL, device)
+    set_threads(params.runtime.threads, model, device)
     check_tokenizer_matches(TOKENIZER, payload, MODEL)
     tokenizer = load_tokenizer(TOKENIZER)
     with autocast(precision, device):
