@@ -144,7 +144,8 @@ def main() -> None:
         config = ModelConfig(vocab_size=vocab, d_model=args.d_model, num_heads=args.heads,
                              num_layers=args.layers, d_ff=args.d_ff, max_seq_length=args.seq, dropout=0.0,
                              **parse_variant(variant))
-        torch.set_num_threads(resolve_threads(args.threads, GPT(config).num_params()))
+        torch.set_num_threads(resolve_threads(args.threads, GPT(config).num_params(),
+                                               args.batch * args.seq * args.d_model ** 2))
         print(f"train {len(train):,} tokens, valid {len(valid):,} tokens / {valid_bytes:,} bytes, "
               f"vocab {vocab}, {torch.get_num_threads()} threads", flush=True)
         for optimizer in args.optimizers:

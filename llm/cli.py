@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           "or pass --checkpoint and --tokenizer")
     device = resolve_device(args.device)
     model, payload = load_model_file(args.checkpoint, device)
-    set_threads(args.threads, model, device)
+    set_threads(args.threads, model, device, rows=1)  # one sample, one token at a time
     check_tokenizer_matches(args.tokenizer, payload, args.checkpoint)
     tokenizer = load_tokenizer(args.tokenizer)
     prompt_ids = tokenizer.encode(args.prompt)

@@ -20,12 +20,20 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # 128: 1.45x (benchmarks/train.py config S), 256: 2.17x, 512: 2.47x (config L). Below it, casts and
 # per-op overhead outweigh the faster matmuls.
 CPU_BF16_MIN_D_MODEL = 128
-# runtime.threads: 0 (auto) runs models under this many parameters on one CPU thread. Measured on a
-# 2-core Xeon shared with other jobs (load ~3), a training step at 2 threads vs 1: 0.02M parameters
-# 0.13x as fast (best of 10; median 0.02x), 0.5-0.8M (configs S, Q) 0.09-0.55x, 3.4M 0.34x: a busy core
-# stalls every parallel region of a small op. At 24M (config L) 2 threads ran 2.0x faster when the
-# cores were free, and decoding it (memory-bound) 1.6x faster.
+# runtime.threads: 0 (auto) uses all cores for a model of at least SMALL_MODEL_PARAMS parameters, or when
+# one matmul of a forward pass (rows x d_model x d_model multiply-adds) is at least PARALLEL_MIN_WORK;
+# else one thread. Measured with benchmarks/threads.py on a 2-core Xeon, a training step at 2 threads vs
+# 1 with the cores free: 1.06-1.15x as fast below 1M multiply-adds, 1.3-1.5x at 1-2M, 1.6-2.0x from 4M
+# up (d_model 128 at 2,048 tokens a step: 117 -> 67 ms). With two busy processes beside it (--busy 2) the
+# same step is 0.4-0.7x as fast, and the issue that set this rule saw a small model's forward take 160 ms
+# at 2 threads against 2.4 ms at 1 on a machine shared with other jobs. So small work, which gains
+# little from a second thread, never risks the stall; larger work takes the 1.6-2x and a shared machine
+# sets runtime.threads: 1. At 24M parameters (config L) 2 threads trained 2.0x faster and decoded
+# (memory-bound, one row) 1.6x faster. The rule looks only at the model and the batch, never at the
+# machine's load, because the thread count changes the last bits of a matmul and a run must be
+# reproducible.
 SMALL_MODEL_PARAMS = 10_000_000
+PARALLEL_MIN_WORK = 4_000_000
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import: the physical cores
 CPUINFO = "/proc/cpuinfo"  # Linux's CPU flags, read when torch cannot report them (torch < 2.8)
 
@@ -115,20 +123,24 @@ def resolve_precision(name: str, device: torch.device, d_model: int | None = Non
     return name
 
 
-def resolve_threads(setting: int, num_params: int) -> int:
-    """runtime.threads -> CPU threads: the number given, or for 0 (auto) 1 thread for models under
-    SMALL_MODEL_PARAMS parameters and torch's default (the physical cores) for larger ones."""
+def resolve_threads(setting: int, num_params: int, matmul_work: int) -> int:
+    """runtime.threads -> CPU threads: the number given, or for 0 (auto) torch's default (the physical
+    cores) for models of SMALL_MODEL_PARAMS parameters or matmuls of PARALLEL_MIN_WORK multiply-adds, and
+    1 thread below both, where a second thread gains little and stalls on a busy machine."""
     if setting < 0:
         raise ConfigError(f"runtime.threads = {setting}: must be >= 0 (0 = auto)")
     if setting:
         return setting
-    return 1 if num_params < SMALL_MODEL_PARAMS else DEFAULT_THREADS
+    parallel = num_params >= SMALL_MODEL_PARAMS or matmul_work >= PARALLEL_MIN_WORK
+    return DEFAULT_THREADS if parallel else 1
 
 
-def set_threads(setting: int, model: torch.nn.Module, device: torch.device) -> int:
-    """Apply runtime.threads for running `model` on `device` (CPU only; a GPU run keeps torch's threads)."""
+def set_threads(setting: int, model: torch.nn.Module, device: torch.device, rows: int) -> int:
+    """Apply runtime.threads for running `model` (a GPT) on `device` with `rows` tokens per forward pass
+    (batch x context in training, 1 when decoding); CPU only, a GPU run keeps torch's threads."""
     if device.type == "cpu":
-        torch.set_num_threads(resolve_threads(setting, sum(p.numel() for p in model.parameters())))
+        work = rows * model.config.d_model ** 2
+        torch.set_num_threads(resolve_threads(setting, sum(p.numel() for p in model.parameters()), work))
     return torch.get_num_threads()
 
 

@@ -176,7 +176,8 @@ class Trainer:
         check_training_fits(self.model_config, self.cfg, device, ranks.world, self.precision)
         torch.manual_seed(self.cfg.seed)  # same initial weights on every rank and every run
         self.raw_model = GPT(self.model_config).to(self.device)
-        set_threads(params.runtime.threads, self.raw_model, self.device)
+        set_threads(params.runtime.threads, self.raw_model, self.device,
+                    rows=self.data.micro_batch * self.data.seq_len)
         self.optimizer = make_optimizer(self.raw_model, self.cfg.learning_rate, self.cfg.weight_decay,
                                         (self.cfg.beta1, self.cfg.beta2), self.device,
                                         optimizer=self.cfg.optimizer, muon_lr=self.cfg.muon_lr)

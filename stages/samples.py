@@ -25,7 +25,7 @@ def main() -> None:
     device = resolve_device(params.runtime.device)
     precision = resolve_precision(params.runtime.precision, device)
     model, payload = load_model_file(MODEL, device)
-    set_threads(params.runtime.threads, model, device)
+    set_threads(params.runtime.threads, model, device, rows=1)  # one sample, one token at a time
     check_tokenizer_matches(TOKENIZER, payload, MODEL)
     tokenizer = load_tokenizer(TOKENIZER)
     with autocast(precision, device):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llm import hardware
+from llm.config import ModelConfig
 from llm.errors import ConfigError
 from llm.hardware import (
     autocast,
@@ -19,6 +20,7 @@ from llm.hardware import (
     resolve_threads,
     set_threads,
 )
+from llm.model import GPT
 
 CPU = torch.device("cpu")
 
@@ -95,18 +97,23 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path, fresh_bf1
     assert not detect()
 
 
-def test_threads_auto_is_one_for_small_models_and_all_cores_for_large(monkeypatch):
-    assert resolve_threads(0, 500_000) == 1
-    assert resolve_threads(0, 50_000_000) == hardware.DEFAULT_THREADS
-    assert resolve_threads(3, 500_000) == 3  # an explicit count always wins
+def test_threads_auto_is_one_for_small_work_and_all_cores_for_large_models_or_matmuls():
+    assert resolve_threads(0, 500_000, 1024 * 32 ** 2) == 1  # a test-sized model and batch
+    assert resolve_threads(0, 500_000, 1 * 128 ** 2) == 1  # decoding a small model
+    assert resolve_threads(0, 500_000, 2048 * 128 ** 2) == hardware.DEFAULT_THREADS  # README's CPU recipe
+    assert resolve_threads(0, 50_000_000, 1 * 512 ** 2) == hardware.DEFAULT_THREADS  # decoding a large one
+    assert resolve_threads(3, 500_000, 1) == 3  # an explicit count always wins
     with pytest.raises(ConfigError, match="runtime.threads = -1"):
-        resolve_threads(-1, 1)
+        resolve_threads(-1, 1, 1)
     before = torch.get_num_threads()
     try:
-        small = torch.nn.Linear(4, 4)
-        assert set_threads(0, small, CPU) == 1 == torch.get_num_threads()
+        small = GPT(ModelConfig(vocab_size=64, d_model=32, num_heads=2, num_layers=1, d_ff=64,
+                                max_seq_length=16))
+        assert set_threads(0, small, CPU, rows=4 * 16) == 1 == torch.get_num_threads()
+        enough = -(-hardware.PARALLEL_MIN_WORK // 32 ** 2)  # rows whose matmuls reach the threshold
+        assert set_threads(0, small, CPU, rows=enough) == hardware.DEFAULT_THREADS
         torch.set_num_threads(2)
-        assert set_threads(0, small, torch.device("cuda")) == 2  # a GPU run keeps torch's threads
+        assert set_threads(0, small, torch.device("cuda"), rows=1) == 2  # a GPU run keeps torch's threads
     finally:
         torch.set_num_threads(before)
 
