@@ -174,9 +174,9 @@ class RuntimeConfig:
     precision: str = _knob("auto", choices=PRECISIONS,
                            doc="autocast precision; auto: bf16 on GPUs with it and on CPUs with native bf16 "
                                "(AMX, AVX512-BF16) from d_model 128, else fp32")
-    threads: int = _knob(0, low=0, high=1024, doc="CPU threads; 0 = auto: all cores from 10M parameters or "
-                                                  "4M multiply-adds per matmul (batch x context x d_model^2), "
-                                                  "else 1; set 1 on a shared machine")
+    threads: int = _knob(0, low=0, high=1024,
+                         doc="CPU threads; 0 = auto: all cores from 10M parameters or 4M multiply-adds per "
+                             "matmul (batch x context x d_model^2), else 1; set 1 on a shared machine")
     compile: bool = _knob(False, doc="torch.compile the model")
     num_workers: int = _knob(0, low=0, high=1024, doc="encode processes (0: all cores)")
     log_interval: int = _knob(10, low=1, doc="log training metrics every N steps")
