@@ -23,15 +23,14 @@ CPU_BF16_MIN_D_MODEL = 128
 # runtime.threads: 0 (auto) uses all cores for a model of at least SMALL_MODEL_PARAMS parameters, or when
 # one matmul of a forward pass (rows x d_model x d_model multiply-adds) is at least PARALLEL_MIN_WORK;
 # else one thread. Measured with benchmarks/threads.py on a 2-core Xeon, a training step at 2 threads vs
-# 1 with the cores free: 1.06-1.15x as fast below 1M multiply-adds, 1.3-1.5x at 1-2M, 1.6-2.0x from 4M
-# up (d_model 128 at 2,048 tokens a step: 117 -> 67 ms). With two busy processes beside it (--busy 2) the
-# same step is 0.4-0.7x as fast, and the issue that set this rule saw a small model's forward take 160 ms
-# at 2 threads against 2.4 ms at 1 on a machine shared with other jobs. So small work, which gains
-# little from a second thread, never risks the stall; larger work takes the 1.6-2x and a shared machine
-# sets runtime.threads: 1. At 24M parameters (config L) 2 threads trained 2.0x faster and decoded
-# (memory-bound, one row) 1.6x faster. The rule looks only at the model and the batch, never at the
-# machine's load, because the thread count changes the last bits of a matmul and a run must be
-# reproducible.
+# 1 with the cores free: 1.03-1.20x as fast up to 1M multiply-adds, 1.5-1.9x from 4M up (d_model 128 at
+# 2,048 tokens a step: 103 -> 58 ms). With two busy processes beside it (--busy 2), 13 of the 16 points
+# ran slower at 2 threads, 0.11-0.94x as fast, and one 0.01x (a 3 ms step of d_model 32 took 272 ms).
+# So work that gains little from a second thread never risks the stall, larger work takes the
+# 1.5-1.9x, and a shared machine sets runtime.threads: 1. At 24M parameters (config L) 2 threads
+# trained 2.0x faster and decoded (memory-bound, one row) 1.6x faster. The rule looks only at the model
+# and the batch, never at the machine's load, because the thread count changes the last bits of a
+# matmul and a run must be reproducible.
 SMALL_MODEL_PARAMS = 10_000_000
 PARALLEL_MIN_WORK = 4_000_000
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import: the physical cores
