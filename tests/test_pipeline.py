@@ -131,6 +131,8 @@ def test_metrics_diff_shows_the_change(project: Path, first_repro: str) -> None:
 def test_plots_show_writes_html_that_renders_offline(project: Path, first_repro: str, tmp_path: Path) -> None:
     dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
     assert_renders_offline(tmp_path / "plots" / "index.html")
+    drawn = json.loads(dvc(project, "plots", "show", "--json").stdout)["data"]
+    assert sorted(drawn) == ["learning_rate", "loss", "plots/loss.png", "throughput"]  # each curve once
 
 
 def test_vocab_size_reruns_everything_after_download(project: Path, first_repro: str) -> None:
