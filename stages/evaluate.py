@@ -27,7 +27,8 @@ def main() -> None:
     device = resolve_device(params.runtime.device)
     model, payload = load_model_file(MODEL, device)
     precision = resolve_precision(params.runtime.precision, device, model.config.d_model)
-    set_threads(params.runtime.threads, model, device, params.eval.batch_size * model.config.max_seq_length)
+    set_threads(params.runtime.threads, model, device,
+                rows=params.eval.batch_size * model.config.max_seq_length)
     shards_meta = read_meta(SHARDS)
     check_same_tokenizer(payload, MODEL, shards_meta, SHARDS)
     with autocast(precision, device):
