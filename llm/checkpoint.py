@@ -58,6 +58,9 @@ def save_model_file(path: str | os.PathLike, model: torch.nn.Module, config: Mod
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """torch.load a model file or training checkpoint safely, with clear errors."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint; name the file in it "
+                              "(e.g. models/model.pt or checkpoints/last.pt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; run `dvc repro` (or `dvc pull`) first")
     try:

@@ -209,8 +209,16 @@ def test_stale_temporaries_of_killed_writes_are_swept_when_the_stage_runs(
 
 # ----- the `llm` command ------------------------------------------------------------------------------
 
+def model_file_a_folder(project: Path) -> None:
+    """models/model.pt replaced by a folder of that name."""
+    model = project / "models" / "model.pt"
+    model.unlink()
+    model.mkdir()
+
+
 CLI_CASES = [
     ("empty model file", lambda p: p.write_bytes(b""), "not a readable checkpoint (EOFError)"),
+    ("model file a folder", model_file_a_folder, "is a folder, not a checkpoint"),
     ("model_config a string", edit_model_file(lambda m: m.__setitem__("model_config", "gpt")),
      "model_config = 'gpt': must be a mapping"),
     ("d_model a string", edit_model_file(lambda m: m["model_config"].__setitem__("d_model", "32")),
