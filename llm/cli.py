@@ -81,7 +81,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from llm.checkpoint import load_model_file
-    from llm.generate import check_tokenizer_matches, generate, sampling_options, token_tensor
+    from llm.generate import (
+        check_tokenizer_matches,
+        generate,
+        sampling_options,
+        token_tensor,
+        unknown_prompt_note,
+    )
     from llm.hardware import resolve_device, set_threads
     from llm.tokenizers import load_tokenizer
 
@@ -99,6 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_tokenizer_matches(args.tokenizer, payload, args.checkpoint)
     tokenizer = load_tokenizer(args.tokenizer)
     prompt_ids = tokenizer.encode(args.prompt)
+    if note := unknown_prompt_note(tokenizer, prompt_ids):
+        print(note, file=sys.stderr)
     top_k, top_p = sampling_options(args.top_k, args.top_p)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for number in range(1, args.num_samples + 1):

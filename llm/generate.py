@@ -199,6 +199,16 @@ def token_tensor(ids: list[int], batch_size: int, device: torch.device) -> torch
     return torch.tensor([ids] * batch_size, dtype=torch.long, device=device)
 
 
+def unknown_prompt_note(tokenizer: Any, prompt_ids: list[int]) -> str | None:
+    """A note when a word-level tokenizer turned prompt words into <unk>: the prompt is shown as typed,
+    but the model continues what it sees."""
+    unknown = prompt_ids.count(tokenizer.unk_id) if tokenizer.unk_id is not None else 0
+    if not unknown:
+        return None
+    return (f"note: {unknown} word(s) of the prompt are not in the tokenizer's vocabulary; the model sees "
+            f"{tokenizer.decode(prompt_ids)!r}")
+
+
 def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateConfig,
                    checkpoint_step: Any = None) -> str:
     """`settings.num_samples` seeded continuations of `settings.prompt`, headed by the settings used.
@@ -215,7 +225,9 @@ def samples_report(model: torch.nn.Module, tokenizer: Any, settings: GenerateCon
                      eot_id=tokenizer.eot_id)[0] for _ in range(settings.num_samples)]
     header = [f"prompt: {settings.prompt!r}", f"max_length: {settings.max_length}",
               f"temperature: {settings.temperature}", f"top_k: {settings.top_k}", f"top_p: {settings.top_p}",
-              f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}", ""]
+              f"seed: {settings.seed}", f"checkpoint step: {checkpoint_step}"]
+    note = unknown_prompt_note(tokenizer, prompt_ids)
+    header += [note, ""] if note else [""]
     body = []
     for number, row in enumerate(rows, start=1):
         text = decode_continuation(tokenizer, prompt_ids, row[len(prompt_ids):].tolist(), tokenizer.eot_id)

@@ -13,8 +13,8 @@ from pytest import CaptureFixture, MonkeyPatch
 
 from llm.checkpoint import load_model_file, save_model_file
 from llm.cli import _Streamer, build_parser, main
-from llm.config import ModelConfig
-from llm.generate import decode_continuation, generate
+from llm.config import GenerateConfig, ModelConfig
+from llm.generate import decode_continuation, generate, samples_report
 from llm.io import sha256_file
 from llm.model import GPT
 from llm.tokenizers import BPETokenizer, SimpleTokenizer, load_tokenizer
@@ -96,6 +96,28 @@ def test_streamer_puts_a_space_between_the_prompt_and_a_word_level_continuation(
         streamer(torch.tensor([token]))
     streamer.finish()
     assert stdout.writes == [" there", " was", "\n", "a", " cat", "\n"]
+
+
+def test_generate_and_samples_name_prompt_words_the_model_sees_as_unknown(tmp_path: Path,
+                                                                         capsys: CaptureFixture) -> None:
+    tokenizer = SimpleTokenizer.train("once upon a time there was a cat", vocab_size=11)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, num_heads=2, num_layers=1, d_ff=64,
+                         max_seq_length=16)
+    save_model_file(tmp_path / "model.pt", GPT(config), config, sha256_file(tmp_path / "tokenizer.json"), {})
+    argv = ["generate", "--checkpoint", str(tmp_path / "model.pt"), "--tokenizer",
+            str(tmp_path / "tokenizer.json"), "--device", "cpu", "--max-length", "3", "--num-samples", "1"]
+    assert main([*argv, "--prompt", "once upon a time"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main([*argv, "--prompt", "once upon a dragon"]) == 0
+    err = capsys.readouterr().err
+    note = ("note: 1 word(s) of the prompt are not in the tokenizer's vocabulary; "
+            "the model sees 'once upon a <unk>'")
+    assert note in err
+    model, _ = load_model_file(tmp_path / "model.pt")
+    report = samples_report(model, tokenizer, GenerateConfig(prompt="once upon a dragon", max_length=3,
+                                                             num_samples=1))
+    assert note in report.splitlines()  # the samples stage's report says it too
 
 
 def test_info_prints_config_size_step_and_metrics(files: dict[str, Path], capsys: CaptureFixture) -> None:
