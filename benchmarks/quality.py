@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from llm.config import ModelConfig
-from llm.hardware import autocast, resolve_precision, resolve_threads
+from llm.hardware import autocast, keep_freed_memory, resolve_precision, resolve_threads
 from llm.model import GPT
 from llm.optim import make_optimizer
 
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="budget in process CPU seconds, not wall time (fair on a busy machine)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the trainer does on a CPU
     train, valid, vocab, valid_bytes = encode_corpus(CORPUS, args.vocab)
     results = {}
     clock = time.process_time if args.cpu_time else time.perf_counter

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from llm.config import ModelConfig
-from llm.hardware import autocast, mfu, resolve_device
+from llm.hardware import autocast, keep_freed_memory, mfu, resolve_device
 from llm.model import GPT
 from llm.optim import make_optimizer
 
@@ -213,6 +213,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does; process-wide, so every contender gets it
     if not NANOGPT.is_file():
         print(f"(no {NANOGPT.name} in ../shared/peers: the nanogpt column is skipped)")
     summary = {"threads": torch.get_num_threads(), "clock": "cpu" if args.cpu_time else "wall",

@@ -218,9 +218,9 @@ RUN: dict[str, Callable[[Session, str], None]] = {
     "-S data.text_files_dir=../shared/data/tinyshakespeare -S tokenizer.vocab_size=1024 -S model.d_model=128 "
     "-S model.num_heads=4 -S model.num_layers=2 "
     "-S model.d_ff=512 -S model.max_seq_length=128 -S model.dropout=0 -S train.batch_size=16 "
-    "-S train.max_steps=300 -S train.warmup_steps=15 -S train.optimizer=adamw -S train.learning_rate=0.002 "
-    "-S train.min_lr=0.0002 -S train.eval_interval=100 -S train.eval_batches=20 "
-    "-S train.checkpoint_interval=100 -S generate.max_length=50":
+    "-S train.max_steps=1500 -S train.warmup_steps=75 -S train.optimizer=adamw -S train.learning_rate=0.002 "
+    "-S train.min_lr=0 -S train.eval_interval=500 -S train.eval_batches=20 "
+    "-S train.checkpoint_interval=500 -S generate.max_length=50":
         lambda s, command: experiment(s, command, SHRINK),
     "dvc exp run -n lr-1e-3 -S train.learning_rate=1e-3": experiment,
     "dvc exp run -n lr-3e-3 -S train.learning_rate=3e-3": experiment,
