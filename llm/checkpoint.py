@@ -21,7 +21,7 @@ from llm.config import ModelConfig, model_config_from_dict
 from llm.errors import CheckpointError, ConfigError, one_line, shorten
 from llm.io import atomic_path
 
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: RoPE turns adjacent pairs (x[2i], x[2i + 1]); 1 turned (x[i], x[i + D/2])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,7 +72,33 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             or "model_config" not in payload:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no model / model_config); "
                               "delete it and re-run training")
+    if payload.get("format_version") == 1 and payload["model_config"].get("position", "rope") == "rope":
+        _pair_rope_dims(path, payload)
     return payload
+
+
+def _pair_rope_dims(path: Path, payload: dict[str, Any]) -> None:
+    """Upgrade a format 1 RoPE file in place: reorder each head's q and k rows of the QKV projection so
+    that the pairs format 1 turned together, (i, i + D/2), sit side by side at (2i, 2i + 1), where format
+    2 turns them by the same angles. Attention scores, and so the model's outputs, stay the same (up to
+    rounding). Optimizer state, indexed by parameter and not by name, is dropped (the weights are kept)."""
+    config = payload["model_config"]
+    try:
+        heads, head_size = config["num_heads"], config["d_model"] // config["num_heads"]
+        half = torch.arange(head_size // 2)
+        order = torch.stack((half, half + head_size // 2), dim=1).flatten()  # row 2i + j <- row i + j D/2
+        for name, tensor in payload["model"].items():
+            if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+                rows = tensor.unflatten(0, (3, heads, head_size)).clone()  # (3, H, D, ...)
+                rows[:2] = rows[:2, :, order]
+                payload["model"][name] = rows.flatten(0, 2)
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError,
+            ZeroDivisionError) as exc:
+        raise CheckpointError(f"{path}: a format_version 1 RoPE file whose QKV weights cannot be "
+                              f"reordered ({one_line(exc)}); the file is corrupt: delete it and re-run "
+                              "training") from None
+    payload["format_version"] = 2
+    payload["optimizer"] = None
 
 
 def stored_model_config(path: str | os.PathLike, payload: dict[str, Any]) -> ModelConfig:

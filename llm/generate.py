@@ -19,11 +19,9 @@ both paths give the same tokens, and past the context a cached step costs what a
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,33 +67,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     logits = logits.float() - logits.float().amax(dim=-1, keepdim=True)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _linear_in_out(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """nn.Linear's result computed from the transposed (in, out) copy of its weight."""
-    y = x @ weight_t
-    return y if bias is None else y + bias
-
-
-@contextlib.contextmanager
-def _in_out_linears(model: torch.nn.Module) -> Iterator[None]:
-    """For the duration, run the model's nn.Linear layers from (in, out) copies of their weights.
-
-    Decoding one token multiplies a single row by every weight matrix; on CPU (MKL) that product is
-    markedly faster with the weight laid out (in, out) than in nn.Linear's (out, in), and decoding is
-    bound by exactly these products (benchmarks/generate.py). The copies cost one extra model's worth
-    of memory while generating; the weights themselves are untouched.
-    """
-    patched = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in vars(m)]
-    with torch.no_grad():
-        for module in patched:
-            module.forward = functools.partial(_linear_in_out, weight_t=module.weight.t().contiguous(),
-                                               bias=module.bias)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
 
 
 class _NextLogits:
@@ -145,8 +116,7 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int = 20
     model.eval()
     length = prompt_length
     try:
-        fast_layout = _in_out_linears(model) if idx.device.type == "cpu" else contextlib.nullcontext()
-        with torch.inference_mode(), fast_layout:  # the result is written into `sequence`, a normal tensor
+        with torch.inference_mode():  # the result is written into `sequence`, a normal tensor
             next_logits = _NextLogits(model, batch_size, prompt_length + max_new_tokens, use_cache)
             for _ in range(max_new_tokens):
                 tokens = sample_next(next_logits(sequence, length), temperature, top_k, top_p, generator)

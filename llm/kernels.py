@@ -57,48 +57,65 @@ class _ReLU2Function(torch.autograd.Function):
         return torch.mul(grad, r).mul_(2.0)  # the same bits as grad * (r + r), one allocation fewer
 
 
-def swap_halves(x: torch.Tensor) -> torch.Tensor:
-    """(x2, x1) for the halves x1, x2 of the last dim; with signed sin tables RoPE is x cos + swap(x) sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x2, x1), dim=-1)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in plain autograd ops, x cos + swap(x) sin: the GPU and torch.compile path (inductor fuses it)."""
-    return x * cos + swap_halves(x) * sin
+    """RoPE in plain real ops, each pair (x[2i], x[2i + 1]) turned by its angle: the GPU and torch.compile
+    path (inductor fuses it). x (..., D), cos and sin broadcastable to (..., D/2)."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
 
 
-def _split_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
+def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    """x (..., D) as D/2 complex numbers x[2i] + i x[2i + 1], a view where the layout allows; bf16/fp16
+    are widened to fp32 first (torch has no complex type for them)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    elif x.stride(-1) != 1 or any(stride % 2 for stride in x.stride()[:-1]):
+        x = x.contiguous()
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+def _turns(rope: torch.Tensor) -> torch.Tensor:
+    """The (T, 1, D/2, 2) cos/sin table as unit complex numbers e^(i angle), (T, 1, D/2)."""
+    return torch.view_as_complex(rope if rope.dtype in (torch.float32, torch.float64) else rope.float())
+
+
+def _split_rotate(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q and k rotated into one new tensor (B, T, 2, H, D), v a view of qkv: each (B, T, H, D)."""
+    """q and k rotated into one new tensor (B, T, 2, H, D), v a view of qkv: each (B, T, H, D).
+
+    The rotation is one complex multiply, (q[2i] + i q[2i + 1]) * e^(i angle), on contiguous memory."""
     B, T, _ = qkv.shape
     heads = qkv.view(B, T, 3, num_heads, -1)
-    qk = heads[:, :, :2]
-    rotated = torch.mul(qk, cos[:, None]).addcmul_(swap_halves(qk), sin[:, None])
+    turn = _turns(rope)[:, None]  # (T, 1, 1, D/2)
+    rotated = torch.view_as_real(_complex_pairs(heads[:, :, :2]) * turn).flatten(-2).to(qkv.dtype)
     return *rotated.unbind(2), heads[:, :, 2]
 
 
 class _QKVRoPEFunction(torch.autograd.Function):
     """Split the fused QKV projection into heads and rotate q and k, writing q, k and v into one new
-    tensor; backward is the inverse rotation (nothing saved but the tables) and writes the three
+    tensor; backward is the inverse rotation (nothing saved but the table) and writes the three
     gradients straight into the projection's gradient, so no stack of dq, dk, dv follows."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
+    def forward(ctx, qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ctx.save_for_backward(cos, sin)
-        return _split_rotate(qkv, cos, sin, num_heads)
+        ctx.save_for_backward(rope)
+        return _split_rotate(qkv, rope, num_heads)
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
-                 ) -> tuple[torch.Tensor, None, None, None]:
-        cos, sin = ctx.saved_tensors
+                 ) -> tuple[torch.Tensor, None, None]:
+        (rope,) = ctx.saved_tensors
         B, T, H, D = dv.shape
         grad = torch.empty(B, T, 3, H, D, dtype=dv.dtype, device=dv.device)
-        for slot, g in enumerate((dq, dk)):  # the inverse rotation: angle -theta
-            torch.mul(g, cos, out=grad[:, :, slot]).addcmul_(swap_halves(g), sin, value=-1)
+        turn_back = _turns(rope).conj()  # (T, 1, D/2): the angle -theta
+        for slot, g in enumerate((dq, dk)):
+            if grad.dtype in (torch.float32, torch.float64):  # straight into the gradient's memory
+                torch.mul(_complex_pairs(g), turn_back, out=_complex_pairs(grad[:, :, slot]))
+            else:
+                grad[:, :, slot] = torch.view_as_real(_complex_pairs(g) * turn_back).flatten(-2)
         grad[:, :, 2] = dv
-        return grad.view(B, T, 3 * H * D), None, None, None
+        return grad.view(B, T, 3 * H * D), None, None
 
 
 class _CausalAttentionFunction(torch.autograd.Function):
@@ -199,22 +216,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2 (So et al. 2021, Primer)."""
-    if eager_cpu(x) and torch.is_grad_enabled():
+    if not eager_cpu(x):
+        return torch.relu(x).square()
+    if torch.is_grad_enabled():
         return _ReLU2Function.apply(x)
-    return torch.relu(x).square()
+    r = torch.relu(x)
+    return r.mul_(r)  # no autograd to keep relu(x) for: square it in place
 
 
-def qkv_heads(qkv: torch.Tensor, num_heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+def qkv_heads(qkv: torch.Tensor, num_heads: int, rope: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, T, H, D) from the fused projection (B, T, 3 H D); with rope = (cos, sin) tables
-    (T, 1, D) from model.rope_tables, q and k rotated by their positions' angles."""
+    """q, k, v (B, T, H, D) from the fused projection (B, T, 3 H D); with rope, the (T, 1, D/2, 2) cos/sin
+    table of model.rope_table, q and k rotated by their positions' angles."""
     B, T, _ = qkv.shape
     if rope is None:
         return qkv.view(B, T, 3, num_heads, -1).unbind(2)  # strided views: no copy
-    cos, sin = (table.to(qkv.dtype) for table in rope)
     if eager_cpu(qkv):  # without autograd (generation), no autograd function's overhead either
         split = _QKVRoPEFunction.apply if torch.is_grad_enabled() else _split_rotate
-        return split(qkv, cos, sin, num_heads)
+        return split(qkv, rope, num_heads)
+    cos, sin = rope.to(qkv.dtype).unbind(-1)  # (T, 1, D/2) each
     q, k, v = qkv.view(B, T, 3, num_heads, -1).unbind(2)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 

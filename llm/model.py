@@ -53,10 +53,10 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) at positions length..length+T-1; return all keys/values (B, H, S, D)."""
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        keys, values, end = self.keys[layer], self.values[layer], self.length + k.size(2)
+        keys.narrow(2, self.length, k.size(2)).copy_(k)
+        values.narrow(2, self.length, v.size(2)).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -83,13 +83,12 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table * (INIT_STD * math.sqrt(2.0))  # sin/cos have RMS 1/sqrt(2)
 
 
-def rope_tables(length: int, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding tables (Su et al. 2021, RoFormer), half-split pairs (x[i], x[i + D/2]): cos as
-    [cos | cos] and sin signed as [-sin | sin], so the rotation is x cos + swap_halves(x) sin."""
+def rope_table(length: int, head_size: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding (Su et al. 2021, RoFormer, eq. 34): each pair (x[2i], x[2i + 1]) of a head turns
+    by position * base^(-2i / D). Returns (length, 1, D/2, 2) holding (cos, sin) of those angles."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, D/2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]  # (length, 1, D)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)[:, None]
 
 
 def dropout(p: float) -> nn.Module:
@@ -110,8 +109,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = kernels.qkv_heads(self.qkv(x), self.num_heads, rope)  # each (B, T, H, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -119,13 +117,14 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(self.layer, k, v)  # (B, H, S, D), S = past + T
+            if k.dtype != q.dtype:  # a cache kept in another precision (new_kv_cache(dtype=...))
+                k, v = k.to(q.dtype), v.to(q.dtype)
             if past > 0:  # query i sits at position past + i and sees keys 0..past + i
                 causal = False
                 if T > 1:
                     key_pos = torch.arange(past + T, device=x.device)
                     mask = key_pos[None, :] <= (key_pos[past:, None])  # (T, S), True = attend
-        y = kernels.attention(q, k.to(q.dtype), v.to(q.dtype), mask, self.dropout if self.training else 0.0,
-                              causal)
+        y = kernels.attention(q, k, v, mask, self.dropout if self.training else 0.0, causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.proj(y))
 
@@ -170,8 +169,7 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(config), CausalSelfAttention(config, layer)
         self.norm2, self.mlp = make_norm(config), FeedForward(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, kv_cache)
         return x + self.mlp(self.norm2(x))
 
@@ -190,9 +188,8 @@ class GPT(nn.Module):
             self.register_buffer("position_table", sinusoidal_table(config.max_seq_length, config.d_model),
                                  persistent=False)
         else:
-            cos, sin = rope_tables(config.max_seq_length, config.d_model // config.num_heads)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            table = rope_table(config.max_seq_length, config.d_model // config.num_heads)
+            self.register_buffer("rope_cos_sin", table, persistent=False)
         self.dropout = dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.final_norm = make_norm(config)
@@ -288,7 +285,7 @@ class GPT(nn.Module):
         elif self.config.position == "sinusoidal":
             x = x + self.position_table[start:start + T]
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, 1, D) each
+            rope = self.rope_cos_sin[start:start + T]  # (T, 1, D/2, 2)
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rope, kv_cache)

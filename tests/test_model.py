@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from llm import kernels
+from llm.checkpoint import MODEL_FORMAT_VERSION, load_model_file, save_model_file
 from llm.config import ModelConfig
 from llm.errors import ConfigError
 from llm.kernels import eager_cpu, linear_cross_entropy, qkv_heads
-from llm.model import GPT, RMSNorm, rope_tables, swiglu_hidden
+from llm.model import GPT, RMSNorm, rope_table, swiglu_hidden
 from llm.optim import make_optimizer
 
+FIXTURES = Path(__file__).parent / "fixtures"
 POSITIONS = ("learned", "sinusoidal", "rope")
 VARIANTS = [(p, n, a) for p in POSITIONS for n, a in (("rmsnorm", "relu2"), ("layernorm", "gelu"))] + [
     ("rope", "rmsnorm", "swiglu")]
@@ -80,10 +83,11 @@ def test_causality(position, norm, activation):
 def test_kv_cache_matches_full_forward(position, norm, activation):
     model = make_model(position=position, norm=norm, activation=activation)
     idx = torch.randint(0, 97, (2, 24))
-    full = model(idx)
+    full = model(idx)  # with autograd: the training path
     cache = model.new_kv_cache(batch_size=2)
-    pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:11], kv_cache=cache)]  # prefill + chunk
-    pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(11, 24)]
+    with torch.inference_mode():  # as generate() decodes: the no-autograd paths of RoPE and ReLU^2
+        pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:11], kv_cache=cache)]  # prefill + chunk
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(11, 24)]
     assert cache.length == 24
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     cache.reset()
@@ -196,6 +200,17 @@ def test_bf16_autocast_forward_runs_and_stays_close():
     assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
 
 
+def test_a_bf16_kv_cache_serves_an_fp32_model():
+    model = make_model().eval()
+    idx = torch.randint(0, 97, (1, 12))
+    cache = model.new_kv_cache(batch_size=1, dtype=torch.bfloat16)  # half the memory; keys cast back to fp32
+    with torch.inference_mode():
+        full = model(idx)
+        pieces = [model(idx[:, :5], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache)
+                                                        for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1).float(), full.float(), atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("overrides,key", [
     ({"num_heads": 5}, "model.num_heads"),
     ({"d_model": 36, "num_heads": 4, "position": "rope"}, "model.position"),  # odd head size
@@ -217,23 +232,50 @@ def test_fast_rmsnorm_matches_torch_and_its_gradients_are_exact():
     assert torch.autograd.gradcheck(norm64, (x64,))
 
 
-def test_rope_rotates_pairs_by_position_and_the_fast_split_matches_the_plain_one():
-    """RoPE rotates each pair (x[i], x[i + D/2]) by position * theta_i; the CPU fast path (one autograd
-    function for the split and both rotations) gives the plain ops' values and exact gradients."""
-    cos, sin = rope_tables(6, 8)
+def test_rope_turns_adjacent_pairs_by_position_and_the_fast_split_matches_the_plain_one():
+    """RoPE turns each pair (x[2i], x[2i + 1]) by position * theta_i (RoFormer, eq. 34); the CPU fast path
+    (one autograd function for the split and both rotations) gives the plain ops' values and exact
+    gradients, with and without autograd, and in bf16 what the plain ops give to bf16 rounding."""
+    rope = rope_table(6, 8)
     qkv = torch.randn(2, 6, 3 * 2 * 8, dtype=torch.float64, requires_grad=True)  # (B, T, 3 H D), H = 2
-    fast = qkv_heads(qkv, 2, (cos, sin))
+    fast = qkv_heads(qkv, 2, rope)
     q, k, v = qkv.detach().view(2, 6, 3, 2, 8).unbind(2)
     theta = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
     angle = torch.arange(6, dtype=torch.float64)[:, None, None] * theta  # (T, 1, D/2)
+    cos, sin = rope.double().unbind(-1)
     for x, rotated in ((q, fast[0]), (k, fast[1])):
-        x1, x2 = x[..., :4], x[..., 4:]
-        by_hand = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), -1)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        turned = (even * angle.cos() - odd * angle.sin(), odd * angle.cos() + even * angle.sin())
+        by_hand = torch.stack(turned, dim=-1).flatten(-2)
         torch.testing.assert_close(rotated, by_hand)
-        torch.testing.assert_close(rotated, kernels.rotate(x, cos.double(), sin.double()))  # the plain path
+        torch.testing.assert_close(rotated, kernels.rotate(x, cos, sin))  # the plain path
     torch.testing.assert_close(fast[2], v)
-    assert torch.autograd.gradcheck(lambda t: qkv_heads(t, 2, (cos, sin)), (qkv,))
+    with torch.no_grad():  # generation's path: no autograd function
+        torch.testing.assert_close(torch.stack(qkv_heads(qkv, 2, rope)), torch.stack(fast).detach())
+    assert torch.autograd.gradcheck(lambda t: qkv_heads(t, 2, rope), (qkv,))
+    low = qkv.detach().bfloat16().requires_grad_()
+    low_fast = qkv_heads(low, 2, rope)
+    assert all(t.dtype == torch.bfloat16 for t in low_fast)
+    torch.testing.assert_close(torch.stack(low_fast).double(), torch.stack(fast).detach(), atol=0.05,
+                               rtol=0.02)
+    torch.autograd.backward(low_fast, [torch.ones_like(t) for t in low_fast])
+    plain = torch.autograd.grad(sum(t.sum() for t in fast), qkv)[0]
+    torch.testing.assert_close(low.grad.double(), plain, atol=0.02, rtol=0.02)
     assert [t.shape for t in qkv_heads(qkv, 2, None)] == [(2, 6, 2, 8)] * 3
+
+
+def test_a_format_1_rope_model_file_loads_with_the_same_outputs(tmp_path: Path):
+    """Format 1 turned the pairs (x[i], x[i + D/2]); loading reorders the QKV rows, so a model saved then
+    (tests/fixtures/rope_format_v1.pt, with its logits, written by that code) predicts what it did."""
+    model, payload = load_model_file(FIXTURES / "rope_format_v1.pt")
+    assert payload["format_version"] == MODEL_FORMAT_VERSION == 2 and model.config.bias
+    with torch.no_grad():
+        logits = model(payload["input_ids"])
+    torch.testing.assert_close(logits, payload["expected_logits"], atol=1e-5, rtol=1e-5)
+    save_model_file(tmp_path / "again.pt", model, model.config, payload["tokenizer_sha256"])
+    again, _ = load_model_file(tmp_path / "again.pt")  # format 2 is read as it is: no second reordering
+    with torch.no_grad():
+        torch.testing.assert_close(again(payload["input_ids"]), logits)
 
 
 def test_relu2_gradients_are_exact():
