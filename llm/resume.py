@@ -97,7 +97,8 @@ def _start_from(path: Path, cfg: TrainConfig, fingerprint: Fingerprint, model_co
         raise CheckpointError(f"train.resume = {path}: its model differs from params.yaml "
                               f"({'; '.join(model_changes)}); match the model params or clear train.resume")
     if checkpoint.optimizer is None:
-        lines.append(f"train.resume: loaded model weights from {path} (it holds no optimizer state); "
+        lines.append(f"train.resume: loaded model weights from {path} (it holds no optimizer state this "
+                     "code can use: a model file, or a RoPE checkpoint of format_version 1); "
                      "starting at step 0")
         return Start(checkpoint)
     old = Fingerprint.from_dict(checkpoint.fingerprint)

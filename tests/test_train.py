@@ -222,3 +222,36 @@ def test_explicit_resume_across_optimizers_keeps_the_weights_only(tmp_path: Path
     assert (f"train.resume: loaded model weights from {saved}; its optimizer state is adamw's and "
             "train.optimizer is muon, so the optimizer starts fresh at step 0") in said
     assert metrics["steps"] == 2
+
+
+def test_explicit_resume_from_a_format_1_rope_checkpoint_reorders_its_weights(tmp_path: Path,
+                                                                             shakespeare_text: str,
+                                                                             capsys) -> None:
+    """A RoPE last.pt written before format 2 starts a run with its weights (QKV rows reordered to the
+    adjacent-pair layout) and a fresh optimizer, and the run says why."""
+    first = make_project(tmp_path / "first", shakespeare_text)
+    train(write_params(first, model={"position": "rope"}), **outputs(first))
+    payload = torch.load(first / "checkpoints" / "last.pt", weights_only=True)
+    current = {name: tensor.clone() for name, tensor in payload["model"].items()}
+    heads, head_size = payload["model_config"]["num_heads"], 32 // payload["model_config"]["num_heads"]
+    assert payload["model_config"]["d_model"] == 32
+    back = torch.arange(head_size).view(2, -1).t().flatten().argsort()  # format 2 row -> format 1 row
+    for name in [name for name in payload["model"] if name.endswith("attn.qkv.weight")]:
+        rows = payload["model"][name].unflatten(0, (3, heads, head_size)).clone()
+        rows[:2] = rows[:2, :, back]
+        payload["model"][name] = rows.flatten(0, 2)
+    payload["format_version"] = 1
+    old = tmp_path / "format1.pt"
+    torch.save(payload, old)
+    upgraded = read_checkpoint(old)
+    assert upgraded["optimizer"] is None and upgraded["format_version"] == 2
+    assert_same_weights(upgraded["model"], current)
+
+    second = make_project(tmp_path / "second", shakespeare_text)
+    capsys.readouterr()
+    params = write_params(second, model={"position": "rope"}, train={"resume": str(old), "max_steps": 2})
+    metrics = train(params, **outputs(second))
+    assert (f"train.resume: loaded model weights from {old} (it holds no optimizer state this code can "
+            "use: a model file, or a RoPE checkpoint of format_version 1); starting at step 0"
+            ) in capsys.readouterr().out
+    assert metrics["steps"] == 2
