@@ -173,5 +173,6 @@ def build_project(dest: Path, text_files_dir: Path, overrides: dict | None = Non
     dvc(dest, "init", "-q")
     for name in DVC_FILES:
         shutil.copy2(ROOT / ".dvc" / name, dest / ".dvc" / name)
+    shutil.copy2(ROOT / ".dvcignore", dest / ".dvcignore")  # replaces the empty one dvc init writes
     commit_all(dest, "tiny project")
     return dest

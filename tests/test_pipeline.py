@@ -96,6 +96,16 @@ def test_second_repro_runs_nothing(project: Path, first_repro: str) -> None:
     commit_all(project, "first run")
 
 
+def test_python_bytecode_beside_the_modules_changes_no_stage(project: Path, first_repro: str) -> None:
+    """Running a stage without PYTHONDONTWRITEBYTECODE leaves __pycache__ in llm/ folders that stages
+    depend on; git ignores them, so DVC must too, or a clone or a queued experiment re-runs stages."""
+    for folder in ("llm/data", "llm/tokenizers"):
+        cache = project / folder / "__pycache__"
+        cache.mkdir(exist_ok=True)
+        (cache / "sources.cpython-311.pyc").write_bytes(b"bytecode")
+    assert "up to date" in dvc(project, "status").stdout
+
+
 def test_runtime_knob_reruns_nothing(project: Path, first_repro: str) -> None:
     edit_params(project, runtime={"log_interval": 3})
     assert_nothing_ran(dvc(project, "repro").stdout)

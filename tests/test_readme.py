@@ -79,7 +79,10 @@ class Session:
     def __init__(self, clone: Path) -> None:
         self.clone, self.other = clone, clone.parent / "other-clone"
         self.experiments: list[str] = []
-        self.env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+        # no venv active, and Python writes its bytecode caches, as in a user's shell (a test runner's
+        # PYTHONDONTWRITEBYTECODE hid DVC hashing them into the stages' deps)
+        unset = ("VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")
+        self.env = {k: v for k, v in os.environ.items() if k not in unset}
         self.env.update(PATH=BARE_PATH, DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                         GIT_TERMINAL_PROMPT="0", GIT_AUTHOR_NAME="tests", GIT_COMMITTER_NAME="tests",
                         GIT_AUTHOR_EMAIL="tests@example.com", GIT_COMMITTER_EMAIL="tests@example.com")
