@@ -39,8 +39,9 @@ PARALLEL_MIN_WORK = 4_000_000
 # time, so a CPU training step that frees and reallocates the same activations page-faults them back in
 # every step: 5,400 minor faults a step for the CPU recipe's model (d_model 128, 16 x 128 tokens, bf16,
 # 2 threads; resource.getrusage), 43.5 ms a step. Keeping freed memory (these mallopt settings) cut it
-# to ~330 faults and 35-38 ms a step, with bit-identical results (benchmarks/quality.py --steps 300, the
-# first model of a fresh process). The cost: the process keeps up to M_TRIM_THRESHOLD of freed memory.
+# to ~330-400 faults a step over the first 300 steps of a fresh process (~11 a step once warm) and 35-38
+# ms a step, with bit-identical results (benchmarks/quality.py --steps 300). The cost: the process keeps
+# up to M_TRIM_THRESHOLD of freed memory.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters, from glibc's malloc.h
 KEEP_FREED_MEMORY = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 256 << 20))
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import: the physical cores
