@@ -72,7 +72,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             or "model_config" not in payload:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no model / model_config); "
                               "delete it and re-run training")
-    if payload.get("format_version") == 1 and payload["model_config"].get("position", "rope") == "rope":
+    config, version = payload["model_config"], payload.get("format_version")
+    rope = isinstance(config, dict) and config.get("position") == "rope"
+    if type(version) is int and version == 1 and rope:  # not True, which == 1 too
         _pair_rope_dims(path, payload)
     return payload
 

@@ -69,7 +69,7 @@ def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
     are widened to fp32 first (torch has no complex type for them)."""
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    elif x.stride(-1) != 1 or any(stride % 2 for stride in x.stride()[:-1]):
+    elif x.stride(-1) != 1 or x.storage_offset() % 2 or any(stride % 2 for stride in x.stride()[:-1]):
         x = x.contiguous()
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 

@@ -227,6 +227,13 @@ CLI_CASES = [
      "format_version '2' is not a version number"),
     ("weights of another shape", edit_model_file(widen_embedding),
      "size mismatch for token_embedding.weight"),
+    ("format 1, model_config a string",
+     edit_model_file(lambda m: m.update(format_version=1, model_config="gpt")),
+     "model_config = 'gpt': must be a mapping"),
+    ("format 1, a QKV weight of another size",
+     edit_model_file(lambda m: (m.__setitem__("format_version", 1),
+                                m["model"].__setitem__("blocks.0.attn.qkv.weight", torch.zeros(5)))),
+     "a format_version 1 RoPE file whose QKV weights cannot be reordered"),
 ]
 
 
