@@ -236,16 +236,19 @@ def test_rope_turns_adjacent_pairs_by_position_and_the_fast_split_matches_the_pl
     """RoPE turns each pair (x[2i], x[2i + 1]) by position * theta_i (RoFormer, eq. 34); the CPU fast path
     (one autograd function for the split and both rotations) gives the plain ops' values and exact
     gradients, with and without autograd, and in bf16 what the plain ops give to bf16 rounding."""
+    torch.manual_seed(0)
     rope = rope_table(6, 8)
+    theta = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    angle = torch.arange(6, dtype=torch.float64)[:, None, None] * theta  # (T, 1, D/2)
+    cos, sin = rope.double().unbind(-1)  # the table's fp32 values, which the rotations below use
+    torch.testing.assert_close(cos, angle.cos(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin, angle.sin(), atol=1e-6, rtol=0)
     qkv = torch.randn(2, 6, 3 * 2 * 8, dtype=torch.float64, requires_grad=True)  # (B, T, 3 H D), H = 2
     fast = qkv_heads(qkv, 2, rope)
     q, k, v = qkv.detach().view(2, 6, 3, 2, 8).unbind(2)
-    theta = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
-    angle = torch.arange(6, dtype=torch.float64)[:, None, None] * theta  # (T, 1, D/2)
-    cos, sin = rope.double().unbind(-1)
     for x, rotated in ((q, fast[0]), (k, fast[1])):
         even, odd = x[..., 0::2], x[..., 1::2]
-        turned = (even * angle.cos() - odd * angle.sin(), odd * angle.cos() + even * angle.sin())
+        turned = (even * cos - odd * sin, odd * cos + even * sin)
         by_hand = torch.stack(turned, dim=-1).flatten(-2)
         torch.testing.assert_close(rotated, by_hand)
         torch.testing.assert_close(rotated, kernels.rotate(x, cos, sin))  # the plain path
