@@ -74,11 +74,6 @@ def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
-def _turns(rope: torch.Tensor) -> torch.Tensor:
-    """The (T, 1, D/2, 2) cos/sin table as unit complex numbers e^(i angle), (T, 1, D/2)."""
-    return torch.view_as_complex(rope if rope.dtype in (torch.float32, torch.float64) else rope.float())
-
-
 def _split_rotate(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q and k rotated into one new tensor (B, T, 2, H, D), v a view of qkv: each (B, T, H, D).
@@ -86,7 +81,7 @@ def _split_rotate(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
     The rotation is one complex multiply, (q[2i] + i q[2i + 1]) * e^(i angle), on contiguous memory."""
     B, T, _ = qkv.shape
     heads = qkv.view(B, T, 3, num_heads, -1)
-    turn = _turns(rope)[:, None]  # (T, 1, 1, D/2)
+    turn = _complex_pairs(rope.flatten(-2))[:, None]  # (T, 1, 1, D/2): e^(i angle) from (cos, sin)
     rotated = torch.view_as_real(_complex_pairs(heads[:, :, :2]) * turn).flatten(-2).to(qkv.dtype)
     return *rotated.unbind(2), heads[:, :, 2]
 
@@ -108,7 +103,7 @@ class _QKVRoPEFunction(torch.autograd.Function):
         (rope,) = ctx.saved_tensors
         B, T, H, D = dv.shape
         grad = torch.empty(B, T, 3, H, D, dtype=dv.dtype, device=dv.device)
-        turn_back = _turns(rope).conj()  # (T, 1, D/2): the angle -theta
+        turn_back = _complex_pairs(rope.flatten(-2)).conj()  # (T, 1, D/2): the angle -theta
         for slot, g in enumerate((dq, dk)):
             if grad.dtype in (torch.float32, torch.float64):  # straight into the gradient's memory
                 torch.mul(_complex_pairs(g), turn_back, out=_complex_pairs(grad[:, :, slot]))
