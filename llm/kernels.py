@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 FUSED_LOSS_MIN_VOCAB = 1024  # below this the logits are small and the plain output layer + loss is as fast
+COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}  # real dtype: its complex one
 
 
 def eager_cpu(x: torch.Tensor) -> bool:
@@ -54,7 +55,7 @@ class _ReLU2Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (r,) = ctx.saved_tensors
-        return torch.mul(grad, r).mul_(2.0)  # the same bits as grad * (r + r), one allocation fewer
+        return torch.addcmul(grad.new_zeros(()), grad, r, value=2.0)  # 2 r grad in one pass
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,43 +75,66 @@ def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
-def _split_rotate(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q and k rotated into one new tensor (B, T, 2, H, D), v a view of qkv: each (B, T, H, D).
+def rope_turn(table: torch.Tensor) -> torch.Tensor:
+    """The complex turns e^(i angle) (..., D/2) of model.rope_table rows (..., D/2, 2), for rotate_pairs_."""
+    return _complex_pairs(table.flatten(-2))
 
-    The rotation is one complex multiply, (q[2i] + i q[2i + 1]) * e^(i angle), on contiguous memory."""
+
+def rotate_pairs_(x: torch.Tensor, turn: torch.Tensor) -> None:
+    """Turn each pair (x[2i], x[2i + 1]) of x (..., D) in place: (x[2i] + i x[2i + 1]) * turn, with turn
+    complex, broadcastable to (..., D/2). One complex multiply into x's memory in fp32/fp64; else via fp32."""
+    pairs = _complex_pairs(x)
+    if COMPLEX.get(x.dtype) == turn.dtype and pairs.data_ptr() == x.data_ptr():  # a view of x
+        torch.mul(pairs, turn, out=pairs)
+    else:
+        x.copy_(torch.view_as_real(pairs * turn).flatten(-2))
+
+
+def _project_rotate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, turn: torch.Tensor,
+                    num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, T, H, D): views of the fused projection x @ weight^T + bias, whose q and k parts are
+    rotated in place by turn (T, 1, 1, D/2). In place, the rotation reads what the matmul has just
+    written, still in cache, and allocates nothing."""
+    qkv = F.linear(x, weight, bias)  # (B, T, 3 H D); bf16 under autocast
     B, T, _ = qkv.shape
     heads = qkv.view(B, T, 3, num_heads, -1)
-    turn = _complex_pairs(rope.flatten(-2))[:, None]  # (T, 1, 1, D/2): e^(i angle) from (cos, sin)
-    rotated = torch.view_as_real(_complex_pairs(heads[:, :, :2]) * turn).flatten(-2).to(qkv.dtype)
-    return *rotated.unbind(2), heads[:, :, 2]
+    rotate_pairs_(heads[:, :, :2], turn)
+    return heads.unbind(2)
 
 
 class _QKVRoPEFunction(torch.autograd.Function):
-    """Split the fused QKV projection into heads and rotate q and k, writing q, k and v into one new
-    tensor; backward is the inverse rotation (nothing saved but the table) and writes the three
-    gradients straight into the projection's gradient, so no stack of dq, dk, dv follows."""
+    """The fused QKV projection with q and k rotated (_project_rotate). Backward rotates dq and dk back
+    (the angle -theta) into one gradient for the projection and runs its two matmuls: no autograd node
+    between projection and rotation, nothing saved but the projection's input. Under CPU autocast the
+    matmuls run in the autocast dtype, as autocast's own linear would, and their bits are the same."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ctx.save_for_backward(rope)
-        return _split_rotate(qkv, rope, num_heads)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, turn: torch.Tensor,
+                num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(x, weight, turn)
+        ctx.has_bias = bias is not None
+        return _project_rotate(x, weight, bias, turn, num_heads)
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
-                 ) -> tuple[torch.Tensor, None, None]:
-        (rope,) = ctx.saved_tensors
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        x, weight, turn = ctx.saved_tensors
         B, T, H, D = dv.shape
         grad = torch.empty(B, T, 3, H, D, dtype=dv.dtype, device=dv.device)
-        turn_back = _complex_pairs(rope.flatten(-2)).conj()  # (T, 1, D/2): the angle -theta
+        turn_back = turn[:, 0].conj()  # (T, 1, D/2)
         for slot, g in enumerate((dq, dk)):
-            if grad.dtype in (torch.float32, torch.float64):  # straight into the gradient's memory
+            if COMPLEX.get(grad.dtype) == turn.dtype:
                 torch.mul(_complex_pairs(g), turn_back, out=_complex_pairs(grad[:, :, slot]))
             else:
                 grad[:, :, slot] = torch.view_as_real(_complex_pairs(g) * turn_back).flatten(-2)
         grad[:, :, 2] = dv
-        return grad.view(B, T, 3 * H * D), None, None
+        grad = grad.view(B * T, 3 * H * D)
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_x = (grad @ weight.to(grad.dtype)).view(x.shape).to(x.dtype) if need_x else None
+        rows = x.reshape(B * T, -1).to(grad.dtype)
+        grad_weight = (grad.t() @ rows).to(weight.dtype) if need_weight else None
+        grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias and need_bias else None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class _CausalAttentionFunction(torch.autograd.Function):
@@ -219,18 +243,21 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return r.mul_(r)  # no autograd to keep relu(x) for: square it in place
 
 
-def qkv_heads(qkv: torch.Tensor, num_heads: int, rope: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, T, H, D) from the fused projection (B, T, 3 H D); with rope, the (T, 1, D/2, 2) cos/sin
-    table of model.rope_table, q and k rotated by their positions' angles."""
+def qkv_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+              rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, T, H, D) from the fused projection x @ weight^T + bias (B, T, 3 H D); with rope, the
+    (T, 1, D/2, 2) cos/sin table of model.rope_table, q and k rotated by their positions' angles."""
+    if rope is not None and eager_cpu(x):
+        turn = rope_turn(rope)[:, None]  # (T, 1, 1, D/2)
+        if torch.is_grad_enabled():
+            return _QKVRoPEFunction.apply(x, weight, bias, turn, num_heads)
+        return _project_rotate(x, weight, bias, turn, num_heads)  # generation: no autograd function
+    qkv = F.linear(x, weight, bias)
     B, T, _ = qkv.shape
+    q, k, v = qkv.view(B, T, 3, num_heads, -1).unbind(2)  # strided views: no copy
     if rope is None:
-        return qkv.view(B, T, 3, num_heads, -1).unbind(2)  # strided views: no copy
-    if eager_cpu(qkv):  # without autograd (generation), no autograd function's overhead either
-        split = _QKVRoPEFunction.apply if torch.is_grad_enabled() else _split_rotate
-        return split(qkv, rope, num_heads)
+        return q, k, v
     cos, sin = rope.to(qkv.dtype).unbind(-1)  # (T, 1, D/2) each
-    q, k, v = qkv.view(B, T, 3, num_heads, -1).unbind(2)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 

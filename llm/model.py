@@ -111,7 +111,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = kernels.qkv_heads(self.qkv(x), self.num_heads, rope)  # each (B, T, H, D)
+        q, k, v = kernels.qkv_heads(x, self.qkv.weight, self.qkv.bias, self.num_heads, rope)  # (B, T, H, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask, causal = None, True
         if kv_cache is not None:
@@ -127,6 +127,7 @@ class CausalSelfAttention(nn.Module):
         y = kernels.attention(q, k, v, mask, self.dropout if self.training else 0.0, causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.proj(y))
+
 
 
 class FeedForward(nn.Module):
@@ -150,15 +151,15 @@ class FeedForward(nn.Module):
         self.dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+        return self.dropout(self.down(self.activate(self.up(x))))
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "relu2":  # So et al. 2021 (Primer)
-            h = kernels.relu_squared(h)
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
-        return self.dropout(self.down(h))
+            return kernels.relu_squared(h)
+        if self.activation == "gelu":
+            return F.gelu(h)
+        gate, value = h.chunk(2, dim=-1)
+        return F.silu(gate) * value
 
 
 class Block(nn.Module):
