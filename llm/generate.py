@@ -29,6 +29,7 @@ import torch
 from llm.config import GenerateConfig, check_value
 from llm.errors import CheckpointError, ConfigError
 from llm.io import sha256_file
+from llm.model import Decoder
 
 
 def _check_settings(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -77,18 +78,17 @@ class _NextLogits:
         self.context = model.config.max_seq_length
         self.cache = model.new_kv_cache(batch_size, max_len=min(total_length, self.context)) if use_cache \
             else None
+        self.decoder = Decoder(model, self.cache) if use_cache else None
 
     def __call__(self, sequence: torch.Tensor, length: int) -> torch.Tensor:
         """(B, V) logits predicting sequence[:, length] from (at most a context of) sequence[:, :length]."""
+        if self.cache is not None and 0 < self.cache.length < self.context:
+            return self.decoder(sequence[:, length - 1])  # the one new token
         window = sequence[:, max(0, length - self.context):length]
         if self.cache is None:
-            logits = self.model(window)
-        elif self.cache.length == 0 or self.cache.length >= self.context:
-            self.cache.reset()
-            logits = self.model(window, kv_cache=self.cache)
-        else:
-            logits = self.model(sequence[:, length - 1:length], kv_cache=self.cache)
-        return logits[:, -1]
+            return self.model(window)[:, -1]
+        self.cache.reset()  # first call, or the context is full: (re)fill the cache from the window
+        return self.model(window, kv_cache=self.cache)[:, -1]
 
 
 def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int = 200, temperature: float = 1.0,

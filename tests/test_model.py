@@ -14,7 +14,7 @@ from llm.checkpoint import MODEL_FORMAT_VERSION, load_model_file, save_model_fil
 from llm.config import ModelConfig
 from llm.errors import ConfigError
 from llm.kernels import eager_cpu, linear_cross_entropy, qkv_heads
-from llm.model import GPT, RMSNorm, rope_table, swiglu_hidden
+from llm.model import GPT, Decoder, RMSNorm, rope_table, swiglu_hidden
 from llm.optim import make_optimizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -93,6 +93,38 @@ def test_kv_cache_matches_full_forward(position, norm, activation):
     cache.reset()
     assert cache.length == 0
     torch.testing.assert_close(model(idx[:, :3], kv_cache=cache), full[:, :3], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position,norm,activation", VARIANTS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_decoder_gives_the_full_forwards_logits_one_token_at_a_time(position, norm, activation, bias):
+    """Decoder, generation's lean single-token path, predicts what the full forward does at each
+    position, after a prefill through forward, for every architecture variant."""
+    model = make_model(position=position, norm=norm, activation=activation, bias=bias)
+    idx = torch.randint(0, 97, (2, 24))
+    full = model(idx)
+    cache = model.new_kv_cache(batch_size=2)
+    decoder = Decoder(model, cache)
+    with torch.inference_mode():
+        pieces = [model(idx[:, :5], kv_cache=cache)]
+        pieces += [decoder(idx[:, t])[:, None] for t in range(5, 24)]
+    assert cache.length == 24
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_decoder_refuses_what_forward_refuses():
+    model = make_model()
+    cache = model.new_kv_cache(batch_size=1, max_len=8)
+    with torch.inference_mode():
+        model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match="overflow"):
+            Decoder(model, cache)(torch.zeros(1, dtype=torch.long))
+        with pytest.raises(ValueError, match="batch size"):
+            Decoder(model, cache)(torch.zeros(2, dtype=torch.long))
+        cache = model.new_kv_cache(batch_size=1)
+        cache.length = 24  # a cache as long as the context: position 24 has no RoPE angle or embedding
+        with pytest.raises(ValueError, match="max_seq_length"):
+            Decoder(model, cache)(torch.zeros(1, dtype=torch.long))
 
 
 def test_kv_cache_overflow_and_too_long_input_raise():
@@ -207,7 +239,8 @@ def test_a_bf16_kv_cache_serves_an_fp32_model():
     with torch.inference_mode():
         full = model(idx)
         pieces = [model(idx[:, :5], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache)
-                                                        for t in range(5, 12)]
+                                                        for t in range(5, 9)]
+        pieces += [Decoder(model, cache)(idx[:, t])[:, None] for t in range(9, 12)]
     torch.testing.assert_close(torch.cat(pieces, dim=1).float(), full.float(), atol=0.05, rtol=0.05)
 
 
