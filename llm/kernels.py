@@ -2,11 +2,12 @@
 
 model.py calls the five functions at the bottom (`rms_norm`, `relu_squared`, `qkv_heads`,
 `attention`, `linear_cross_entropy`); each picks its own implementation, so the model never
-branches on device or dtype. On CPU, outside torch.compile, hand-written autograd functions
-save memory passes that autograd through the composite ops would make. Everywhere else (GPUs,
-and under torch.compile, whose inductor fuses the plain ops itself) the plain ops run. Both
-paths give the same numbers, to rounding; tests/test_model.py checks values and gradients
-against the plain ones.
+branches on device or dtype. Its Decoder (generation's one-token steps) also turns RoPE's
+pairs with `rope_turn` and `rotate_pairs_`, which work on every device. On CPU, outside
+torch.compile, hand-written autograd functions save memory passes that autograd through the
+composite ops would make. Everywhere else (GPUs, and under torch.compile, whose inductor
+fuses the plain ops itself) the plain ops run. Both paths give the same numbers, to rounding;
+tests/test_model.py checks values and gradients against the plain ones.
 """
 
 from __future__ import annotations
