@@ -106,8 +106,9 @@ def _project_rotate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 class _QKVRoPEFunction(torch.autograd.Function):
     """The fused QKV projection with q and k rotated (_project_rotate). Backward rotates dq and dk back
     (the angle -theta) into one gradient for the projection and runs its two matmuls: no autograd node
-    between projection and rotation, nothing saved but the projection's input. Under CPU autocast the
-    matmuls run in the autocast dtype, as autocast's own linear would, and their bits are the same."""
+    between projection and rotation, and only what the linear's backward needs saved (its input and
+    weight) plus the turns. Under CPU autocast the matmuls run in the autocast dtype, as autocast's own
+    linear would, and their bits are the same."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, turn: torch.Tensor,

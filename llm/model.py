@@ -132,7 +132,6 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
-
 class FeedForward(nn.Module):
     """Position-wise MLP: d_model -> d_ff -> d_model with GELU, ReLU^2 or SwiGLU.
 
