@@ -342,8 +342,7 @@ class Decoder:
         self.layers = [(_norm_function(block.norm1), block.attn.qkv.weight, block.attn.qkv.bias,
                         block.attn.proj.weight, block.attn.proj.bias, _norm_function(block.norm2),
                         block.mlp.up.weight, block.mlp.up.bias, _activation_function(block.mlp),
-                        block.mlp.down.weight, block.mlp.down.bias, kv_cache.keys[layer],
-                        kv_cache.values[layer]) for layer, block in enumerate(model.blocks)]
+                        block.mlp.down.weight, block.mlp.down.bias) for block in model.blocks]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) for tokens (B,) at position cache.length."""
@@ -356,16 +355,15 @@ class Decoder:
         if self.positions is not None:
             x = x + self.positions[position]
         turn = None if self.turns is None else self.turns[position]  # (1, D/2): e^(i angle) for every head
-        for norm1, qkv_w, qkv_b, proj_w, proj_b, norm2, up_w, up_b, activate, down_w, down_b, keys, values \
-                in self.layers:
-            qkv = F.linear(norm1(x), qkv_w, qkv_b).view(B, 3, self.num_heads, -1)  # (B, 3, H, D)
+        for layer, (norm1, qkv_w, qkv_b, proj_w, proj_b, norm2, up_w, up_b, activate, down_w, down_b) \
+                in enumerate(self.layers):
+            qkv = F.linear(norm1(x), qkv_w, qkv_b).view(B, 3, self.num_heads, 1, -1)  # (B, 3, H, 1, D)
             if turn is not None:
                 kernels.rotate_pairs_(qkv[:, :2], turn)
-            keys[:, :, position], values[:, :, position] = qkv[:, 1], qkv[:, 2]
-            k, v = keys[:, :, :position + 1], values[:, :, :position + 1]  # (B, H, S, D)
+            k, v = self.cache.update(layer, qkv[:, 1], qkv[:, 2])  # (B, H, S, D)
             if k.dtype != qkv.dtype:  # a cache kept in another precision
                 k, v = k.to(qkv.dtype), v.to(qkv.dtype)
-            y = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v)  # (B, H, 1, D): every key is past
+            y = F.scaled_dot_product_attention(qkv[:, 0], k, v)  # (B, H, 1, D): every key is past
             x = x + F.linear(y.reshape(B, -1), proj_w, proj_b)
             x = x + F.linear(activate(F.linear(norm2(x), up_w, up_b)), down_w, down_b)
         self.cache.length += 1
