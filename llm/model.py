@@ -316,21 +316,34 @@ def _activation_function(mlp: FeedForward) -> Callable[[torch.Tensor], torch.Ten
     return mlp.activate
 
 
+def _project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight_t + bias for rows x (B, C): a linear layer whose weight was transposed in advance."""
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
+def _add_projection_(x: torch.Tensor, y: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """x += y @ weight_t + bias, in place: a residual branch's output projection as one matmul into x."""
+    x.addmm_(y, weight_t)
+    return x if bias is None else x.add_(bias)
+
+
 class Decoder:
     """GPT.forward for one new token per row, for generation's inner loop (no autograd: call it under
     torch.inference_mode or no_grad). decoder(tokens) gives the logits (B, V) that
     model(tokens[:, None], kv_cache=kv_cache)[:, -1] would, and advances the cache by one position.
 
-    Every layer's weights are looked up once, here, and a layer is ~15 functional ops on (B, C) rows: no
-    module calls, transposes or masks. At batch 1 on CPU a token is a few ms of matrix-vector products,
-    and the Python between them costs more than its own time (benchmarks/generate.py, same hour, vs
-    Hugging Face's cached generate: 1.23-1.44x through the modules, 1.49-1.73x this way).
+    Every layer's weights are looked up (and transposed) once, here, and a layer is ~15 functional ops on
+    (B, C) rows: no module calls, transposes or masks, and the residual branches' output projections
+    accumulate into the residual stream in place. At batch 1 on CPU a token is a few ms of matrix-vector
+    products, and the Python between them costs more than its own time (benchmarks/generate.py, same
+    hour, vs Hugging Face's cached generate: 1.23-1.44x through the modules, 1.49-1.73x this way).
     """
 
     def __init__(self, model: GPT, kv_cache: KVCache):
         self.cache, self.context = kv_cache, model.config.max_seq_length
         self.num_heads = model.config.num_heads
-        self.embedding, self.head = model.token_embedding.weight, model.lm_head.weight
+        self.embedding, self.head_t = model.token_embedding.weight, model.lm_head.weight.t()
         self.final_norm = _norm_function(model.final_norm)
         self.positions = self.turns = None  # added to the embedding (max_seq_length, C) | RoPE's turns
         if model.config.position == "learned":
@@ -339,10 +352,10 @@ class Decoder:
             self.positions = model.position_table
         else:
             self.turns = kernels.rope_turn(model.rope_cos_sin)  # (max_seq_length, 1, D/2)
-        self.layers = [(_norm_function(block.norm1), block.attn.qkv.weight, block.attn.qkv.bias,
-                        block.attn.proj.weight, block.attn.proj.bias, _norm_function(block.norm2),
-                        block.mlp.up.weight, block.mlp.up.bias, _activation_function(block.mlp),
-                        block.mlp.down.weight, block.mlp.down.bias) for block in model.blocks]
+        self.layers = [(_norm_function(block.norm1), block.attn.qkv.weight.t(), block.attn.qkv.bias,
+                        block.attn.proj.weight.t(), block.attn.proj.bias, _norm_function(block.norm2),
+                        block.mlp.up.weight.t(), block.mlp.up.bias, _activation_function(block.mlp),
+                        block.mlp.down.weight.t(), block.mlp.down.bias) for block in model.blocks]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) for tokens (B,) at position cache.length."""
@@ -351,20 +364,20 @@ class Decoder:
         if position >= self.context:
             raise ValueError(f"position {position} is past max_seq_length ({self.context}); crop the context "
                              "to the last max_seq_length tokens and reset the cache")
-        x = F.embedding(tokens, self.embedding)  # (B, C)
+        x = F.embedding(tokens, self.embedding)  # (B, C), a new tensor: the layers add into it
         if self.positions is not None:
             x = x + self.positions[position]
         turn = None if self.turns is None else self.turns[position]  # (1, D/2): e^(i angle) for every head
-        for layer, (norm1, qkv_w, qkv_b, proj_w, proj_b, norm2, up_w, up_b, activate, down_w, down_b) \
+        for layer, (norm1, qkv_t, qkv_b, proj_t, proj_b, norm2, up_t, up_b, activate, down_t, down_b) \
                 in enumerate(self.layers):
-            qkv = F.linear(norm1(x), qkv_w, qkv_b).view(B, 3, self.num_heads, 1, -1)  # (B, 3, H, 1, D)
+            qkv = _project(norm1(x), qkv_t, qkv_b).view(B, 3, self.num_heads, 1, -1)  # (B, 3, H, 1, D)
             if turn is not None:
                 kernels.rotate_pairs_(qkv[:, :2], turn)
             k, v = self.cache.update(layer, qkv[:, 1], qkv[:, 2])  # (B, H, S, D)
             if k.dtype != qkv.dtype:  # a cache kept in another precision
                 k, v = k.to(qkv.dtype), v.to(qkv.dtype)
             y = F.scaled_dot_product_attention(qkv[:, 0], k, v)  # (B, H, 1, D): every key is past
-            x = x + F.linear(y.reshape(B, -1), proj_w, proj_b)
-            x = x + F.linear(activate(F.linear(norm2(x), up_w, up_b)), down_w, down_b)
+            _add_projection_(x, y.reshape(B, -1), proj_t, proj_b)
+            _add_projection_(x, activate(_project(norm2(x), up_t, up_b)), down_t, down_b)
         self.cache.length += 1
-        return F.linear(self.final_norm(x), self.head)
+        return torch.mm(self.final_norm(x), self.head_t)
