@@ -2,8 +2,10 @@
 
 A step is forward, backward, AdamW step and zero_grad; every model uses torch's fused AdamW (ours through
 make_optimizer, what the trainer runs), dropout 0 and the same threads. Steps are interleaved (one step
-of each model per round), so a change in machine load hits every model alike; each model's best step
-is its speed, and the spread of the per-round ratios shows the noise.
+of each model per round, the first place rotating from round to round, since on a shared machine the
+order alone moved an A/A comparison by up to 1%), so a change in machine load hits every model alike;
+each model's best step is its speed, and the quartiles of the per-round ratios show the noise (their
+median is the steadier measure on a busy machine).
 
 Runners: `ours` (the default architecture: RoPE, ReLU^2, LayerNorm, no bias), `ours-nanogpt-arch`
 (nanoGPT's: learned positions, GELU, no bias), `nanogpt` (its model.py, imported from
@@ -168,8 +170,9 @@ def bench_case(config_name: str, precision: str, rounds: int, device: torch.devi
         for _ in range(2):
             runner.step(idx, targets, precision, device)
         runner.times.clear()
-    for _ in range(rounds):
-        for runner in runners:
+    for round_index in range(rounds):
+        first = round_index % len(runners)
+        for runner in runners[first:] + runners[:first]:
             runner.step(idx, targets, precision, device)
     tokens = batch * shape["max_seq_length"]
     by_name = {runner.name: runner for runner in runners}
