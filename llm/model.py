@@ -337,7 +337,7 @@ class Decoder:
     (B, C) rows: no module calls, transposes or masks, and the residual branches' output projections
     accumulate into the residual stream in place. At batch 1 on CPU a token is a few ms of matrix-vector
     products, and the Python between them costs more than its own time (benchmarks/generate.py, same
-    hour, vs Hugging Face's cached generate: 1.23-1.44x through the modules, 1.49-1.73x this way).
+    day, vs Hugging Face's cached generate: 1.23-1.44x through the modules, 1.59-1.68x this way).
     """
 
     def __init__(self, model: GPT, kv_cache: KVCache):
