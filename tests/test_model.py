@@ -99,8 +99,10 @@ def test_kv_cache_matches_full_forward(position, norm, activation):
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_decoder_gives_the_full_forwards_logits_one_token_at_a_time(position, norm, activation, bias):
     """Decoder, generation's lean single-token path, predicts what the full forward does at each
-    position, after a prefill through forward, for every architecture variant."""
+    position, after a prefill through forward, for every architecture variant; its in-place residual
+    adds leave the weights as they were."""
     model = make_model(position=position, norm=norm, activation=activation, bias=bias)
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     idx = torch.randint(0, 97, (2, 24))
     full = model(idx)
     cache = model.new_kv_cache(batch_size=2)
@@ -110,6 +112,7 @@ def test_the_decoder_gives_the_full_forwards_logits_one_token_at_a_time(position
         pieces += [decoder(idx[:, t])[:, None] for t in range(5, 24)]
     assert cache.length == 24
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
 
 
 def test_the_decoder_refuses_what_forward_refuses():
