@@ -322,10 +322,11 @@ def _project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None)
 
 
 def _add_projection_(x: torch.Tensor, y: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None
-                     ) -> torch.Tensor:
+                     ) -> None:
     """x += y @ weight_t + bias, in place: a residual branch's output projection as one matmul into x."""
     x.addmm_(y, weight_t)
-    return x if bias is None else x.add_(bias)
+    if bias is not None:
+        x.add_(bias)
 
 
 class Decoder:
